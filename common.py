@@ -1,0 +1,207 @@
+"""
+Plumbing shared by every stage: the offline GPT-2 tokenizer and the chat template, checkpoint
+I/O, and the small pieces of training set-up (device, precision, DDP, optimizer, schedule).
+The algorithms themselves live in their own train_*.py scripts.
+"""
+import hashlib
+import math
+import os
+from contextlib import nullcontext
+from functools import lru_cache
+
+import torch
+
+# -----------------------------------------------------------------------------
+# tokenizer: GPT-2's byte-level BPE, built offline from the merges file in assets/
+
+BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets', 'gpt2_vocab.bpe')
+BPE_SHA256 = '1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5'
+GPT2_VOCAB_SIZE = 50257
+# GPT-2's pre-tokenizer: contractions, letters, numbers, other symbols, whitespace
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def gpt2_byte_order():
+    """The 256 bytes in the order GPT-2 gave them ids 0..255: printable ones first, then the rest."""
+    printable = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + \
+        list(range(ord('®'), ord('ÿ') + 1))
+    return printable + [b for b in range(256) if b not in printable]
+
+
+def gpt2_byte_decoder():
+    """GPT-2 writes each byte as a visible unicode character in its merges file; map it back."""
+    order, chars, n = gpt2_byte_order(), {}, 0
+    for b in order:
+        if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + n)] = b
+            n += 1
+    return chars
+
+
+@lru_cache(maxsize=None)
+def get_tokenizer(vocab_size=GPT2_VOCAB_SIZE):
+    """
+    The one tokenizer every script and test uses: a tiktoken Encoding equal to GPT-2's.
+    vocab_size < 50257 keeps only the first vocab_size-1 BPE ranks (still a valid byte-level BPE,
+    every kept id identical to GPT-2's) and puts <|endoftext|> at vocab_size-1. Tiny models on a
+    CPU train several times faster with an 8192-token vocabulary than with the full 50257.
+    """
+    import tiktoken
+    if not 257 <= vocab_size <= GPT2_VOCAB_SIZE:
+        raise ValueError(f"vocab_size must be in [257, {GPT2_VOCAB_SIZE}], got {vocab_size}")
+    with open(BPE_PATH, 'rb') as f:
+        raw = f.read()
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != BPE_SHA256:
+        raise RuntimeError(f"{BPE_PATH}: sha256 {digest} does not match GPT-2's merges file "
+                           f"{BPE_SHA256}; restore it from git")
+    decoder = gpt2_byte_decoder()
+    ranks = {bytes([b]): i for i, b in enumerate(gpt2_byte_order())}
+    for line in raw.decode('utf-8').split('\n')[1:]:  # first line is '#version: 0.2'
+        if not line or len(ranks) >= vocab_size - 1:
+            continue
+        left, right = line.split(' ')
+        token = bytes(decoder[c] for c in left) + bytes(decoder[c] for c in right)
+        ranks[token] = len(ranks)
+    name = 'gpt2' if vocab_size == GPT2_VOCAB_SIZE else f'gpt2_first{vocab_size}'
+    return tiktoken.Encoding(name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={'<|endoftext|>': vocab_size - 1})
+
+# -----------------------------------------------------------------------------
+# chat template: Anthropic HH-RLHF's own text format, so the real data needs no conversion.
+#   "\n\nHuman: {question}\n\nAssistant:" + " {response}" + <|endoftext|>
+
+HUMAN, ASSISTANT = '\n\nHuman:', '\n\nAssistant:'
+
+
+def render_prompt(prompt):
+    """A plain user message becomes one Human turn; an HH-format conversation is kept as it is."""
+    if prompt.startswith(HUMAN) and prompt.endswith(ASSISTANT):
+        return prompt
+    return f"{HUMAN} {prompt.strip()}{ASSISTANT}"
+
+
+def render_response(response):
+    """The response follows 'Assistant:' after one space, as in HH-RLHF."""
+    return ' ' + response.lstrip(' ')
+
+
+def encode_prompt(enc, prompt):
+    return enc.encode_ordinary(render_prompt(prompt))
+
+
+def encode_response(enc, response):
+    """Response tokens, closed by <|endoftext|>: the model must learn to stop."""
+    return enc.encode_ordinary(render_response(response)) + [enc.eot_token]
+
+
+def decode_response(enc, tokens):
+    """Text of generated tokens, cut at the first end-of-text token."""
+    tokens = list(tokens)
+    if enc.eot_token in tokens:
+        tokens = tokens[:tokens.index(enc.eot_token)]
+    return enc.decode(tokens).strip()
+
+# -----------------------------------------------------------------------------
+# checkpoints: one file per run directory, written atomically
+
+
+def save_checkpoint(path, model, optimizer, model_args, config, stage, step, **extra):
+    """
+    Everything a resume needs: the weights (of the uncompiled, unwrapped model, so no
+    '_orig_mod.' or 'module.' prefixes), the optimizer, model_args, the full config, the stage,
+    the step and the RNG state. The data order is a function of the step (loaders.batch_indices).
+    Written to a temporary file in the same directory and renamed over the old one, so a crash
+    mid-save leaves the previous checkpoint intact. Refuses to write non-finite weights.
+    """
+    state = unwrap(model).state_dict()
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise FloatingPointError(f"refusing to save {path} at step {step}: non-finite weights in {bad[:3]}")
+    ckpt = dict(model=state, optimizer=optimizer.state_dict() if optimizer is not None else None,
+                model_args=model_args, config=config, stage=stage, step=step,
+                rng=torch.get_rng_state(),
+                cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], **extra)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)  # atomic on POSIX and Windows
+
+
+def load_checkpoint(path, stage=None, hint=''):
+    """Load a checkpoint safely (weights_only: no code from the file runs). With stage, check
+    that it was written by that stage; hint says which script makes the file when it is missing."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found{': ' + hint if hint else ''}")
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    if stage is not None and ckpt.get('stage') not in ((stage,) if isinstance(stage, str) else stage):
+        raise ValueError(f"{path} is a checkpoint of stage {ckpt.get('stage')!r}, expected {stage!r}")
+    return ckpt
+
+
+def restore_rng(ckpt):
+    torch.set_rng_state(ckpt['rng'])
+    if torch.cuda.is_available() and ckpt.get('cuda_rng'):
+        torch.cuda.set_rng_state_all(ckpt['cuda_rng'])
+
+
+def unwrap(model):
+    """The plain GPT under DDP and torch.compile wrappers."""
+    model = getattr(model, 'module', model)  # DDP
+    return getattr(model, '_orig_mod', model)  # torch.compile
+
+# -----------------------------------------------------------------------------
+# training set-up: device, precision, DDP, schedule
+
+
+def setup(device, dtype, seed):
+    """
+    Returns (ddp, rank, world_size, device, autocast context). Under torchrun (RANK set) one
+    process per device, joined with NCCL on CUDA and gloo on CPU; rank 0 logs and saves.
+    """
+    import torch.distributed as dist
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    rank, world_size = 0, 1
+    if ddp:
+        rank, world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+        local_rank = int(os.environ['LOCAL_RANK'])
+        if device.startswith('cuda'):
+            device = f'cuda:{local_rank}'
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    torch.manual_seed(seed + rank)
+    if device.startswith('cuda'):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    ctx = nullcontext() if ptdtype == torch.float32 else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+    return ddp, rank, world_size, device, ctx
+
+
+def default_device():
+    return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
+def default_dtype():
+    return 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+
+
+def get_lr(step, learning_rate, warmup_steps, max_steps, min_lr_ratio=0.1):
+    """Linear warmup, then cosine decay to min_lr_ratio * learning_rate at max_steps."""
+    if step < warmup_steps:
+        return learning_rate * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return learning_rate * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def all_reduce_mean(x, ddp):
+    """Mean of a tensor over all ranks (a no-op without DDP)."""
+    if ddp:
+        import torch.distributed as dist
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x /= dist.get_world_size()
+    return x

@@ -1,0 +1,119 @@
+"""
+nanoGPT's config idiom as a function. A train_*.py script defines its defaults as module
+globals, one per line with a trailing comment, and then calls
+
+    from configurator import configure
+    config = configure(globals())   # the dict goes into every checkpoint
+
+so that it can be run as
+
+    python train_sft.py config/sft_small.py --batch_size=32 --out_dir=out/x
+
+Each argument is a config file or --key=value, applied in order (later wins). Config files
+are Python and are executed: only use config files you trust. Every name a file defines,
+except _private names, modules, functions and classes, is an override. Command-line values
+are read with ast.literal_eval, or kept as the raw string when that fails (--out_dir=out/x).
+Unlike nanoGPT, keys from files are checked as strictly as keys from the command line: an
+unknown key or a value of the wrong type is an error, not a silent new global.
+--help lists every key with its default and its comment.
+"""
+import ast
+import difflib
+import os
+import re
+import sys
+import types
+
+TYPES = (int, float, bool, str, type(None))  # what a config value may be
+# `key = value  # comment` at module level; a '#' inside a quoted value doesn't start the comment
+COMMENT_LINE = re.compile(r"""^(\w+)\s*=(?:'[^']*'|"[^"]*"|[^'"#])*#\s*(.*)$""")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def check(condition, message):
+    """Range checks in scripts: check(kl_coef >= 0, 'kl_coef must be >= 0')."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def print_help(keys, path):
+    comments = {}
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            comments = {m[1]: m[2] for m in map(COMMENT_LINE.match, f) if m}
+    script = os.path.basename(path or 'script.py')
+    print(f'usage: python {script} [config.py ...] [--key=value ...]')
+    defaults = {k: f'{k} = {v!r}' for k, v in keys.items()}
+    width = max(map(len, defaults.values()), default=0)
+    for k, line in defaults.items():
+        print(f'  {line:<{width}}  # {comments[k]}' if k in comments else f'  {line}')
+    sys.exit(0)
+
+
+def validate(key, value, raw, keys, source):
+    """The value to use for key, or a ConfigError. raw: the command-line string, None for files."""
+    if key not in keys:
+        close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ''
+        raise ConfigError(f"unknown config key '{key}' from {source}{hint}; "
+                          f"valid keys: {', '.join(keys)}")
+    default = keys[key]
+    if type(value) is type(default) or (default is None and isinstance(value, TYPES)):
+        return value
+    if type(default) is float and type(value) is int:  # --learning_rate=1
+        return float(value)
+    if type(default) is str and raw is not None:  # --out_dir=123 means the string '123'
+        return raw
+    expected = 'int, float, bool, str or None' if default is None else type(default).__name__
+    raise ConfigError(f"wrong type for config key '{key}' from {source}: expected {expected}, "
+                      f"got {type(value).__name__} ({value!r})")
+
+
+def overrides(argv, keys):
+    """Yield validated (key, value) pairs from config files and --key=value arguments, in order."""
+    for arg in argv:
+        if arg.startswith('--'):
+            key, eq, raw = arg[2:].partition('=')
+            if not eq:
+                raise ConfigError(f"malformed argument '{arg}': expected --key=value")
+            try:
+                value = ast.literal_eval(raw)
+            except Exception:  # anything literal_eval can't read is a plain string
+                value = raw
+            yield key, validate(key, value, raw, keys, 'command line')
+        elif arg.startswith('-'):
+            raise ConfigError(f"malformed argument '{arg}': expected a config file or --key=value")
+        else:
+            if not os.path.isfile(arg):
+                raise ConfigError(f"config file not found: '{arg}'")
+            namespace = {'__file__': arg}
+            with open(arg) as f:
+                exec(compile(f.read(), arg, 'exec'), namespace)
+            for key, value in namespace.items():
+                if not key.startswith('_') and not isinstance(value, types.ModuleType) \
+                        and not callable(value):  # callable: functions and classes
+                    yield key, validate(key, value, None, keys, arg)
+
+
+def configure(g, argv=None):
+    """Apply config files and --key=value overrides to the globals g; return all config keys."""
+    from_script = argv is None
+    argv = sys.argv[1:] if argv is None else list(argv)
+    keys = {k: v for k, v in g.items() if not k.startswith('_') and isinstance(v, TYPES)}
+    if '--help' in argv or '-h' in argv:
+        print_help(keys, g.get('__file__'))
+    try:
+        new = dict(overrides(argv, keys))  # later wins
+    except ConfigError as e:
+        if not from_script:
+            raise
+        print(f'config error: {e}', file=sys.stderr)  # a message, not a traceback
+        sys.exit(2)
+    if os.environ.get('RANK', '0') == '0':  # print on the main process only
+        for k, v in new.items():
+            print(f'overriding {k} = {v!r}')
+    g.update(new)
+    return {k: g[k] for k in keys}

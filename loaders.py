@@ -1,0 +1,156 @@
+"""
+Data for every stage: read a JSONL file (with errors that name the file and the line), turn each
+record into token ids with the chat template, truncate over-long examples by one policy, and
+pad batches with the masks the losses need.
+
+Schemas, one JSON object per line (other fields are allowed and ignored):
+  SFT          {"prompt": str, "response": str}
+  preferences  {"prompt": str, "chosen": str, "rejected": str}
+  RL prompts   {"prompt": str}
+A prompt is a plain user message, or an HH-RLHF conversation ending in "\\n\\nAssistant:".
+
+Truncation policy (block_size tokens per sequence, prompt + response + <|endoftext|>):
+  the prompt keeps its END, the response keeps its START. The prompt is cut only as far as
+  needed, and never below half the block, so at least block_size // 2 tokens (and so at least
+  one) are left for every response, also for both sides of a pair. Nothing is dropped; the
+  number of truncated examples is printed.
+"""
+import json
+
+import torch
+
+from common import encode_prompt, encode_response
+
+SCHEMAS = {'sft': ('prompt', 'response'), 'prefs': ('prompt', 'chosen', 'rejected'), 'rl': ('prompt',)}
+
+
+class DataError(ValueError):
+    pass
+
+
+def read_jsonl(path, schema):
+    """Records of a JSONL file, every field of the schema checked: a str that is not empty."""
+    fields = SCHEMAS[schema]
+    try:
+        with open(path, 'rb') as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file: {e.strerror}") from None
+    if raw.startswith(b'\xef\xbb\xbf'):  # a UTF-8 byte-order mark, as some editors write
+        raw = raw[3:]
+    records = []
+    for lineno, line in enumerate(raw.split(b'\n'), start=1):
+        where = f"{path}:{lineno}"
+        try:
+            text = line.decode('utf-8')
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: invalid UTF-8 at byte {e.start}") from None
+        if not text.strip():
+            if lineno == raw.count(b'\n') + 1:  # the empty remainder after the final newline
+                continue
+            raise DataError(f"{where}: empty line (every line must be one JSON object)")
+        try:
+            rec = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: expected a JSON object with keys {list(fields)}, got {type(rec).__name__}")
+        for k in fields:
+            if k not in rec:
+                raise DataError(f"{where}: missing key {k!r} (a {schema} record needs {list(fields)})")
+            if not isinstance(rec[k], str):
+                raise DataError(f"{where}: {k!r} must be a string, got {type(rec[k]).__name__}")
+            if not rec[k].strip():
+                raise DataError(f"{where}: {k!r} is empty")
+        if schema == 'prefs' and rec['chosen'].strip() == rec['rejected'].strip():
+            raise DataError(f"{where}: 'chosen' and 'rejected' are identical, the pair says nothing")
+        records.append(rec)
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def truncate(prompt, responses, block_size):
+    """The truncation policy above: prompt keeps its end, responses their start."""
+    longest = max(len(r) for r in responses)
+    if len(prompt) + longest <= block_size:
+        return prompt, responses, False
+    keep = min(len(prompt), max(block_size - longest, block_size // 2))
+    prompt = prompt[len(prompt) - keep:]
+    return prompt, [r[:block_size - keep] for r in responses], True
+
+
+def tokenize_sft(records, enc, block_size, name='sft'):
+    """[(prompt_ids, response_ids)], the response closed by <|endoftext|>."""
+    out, n_cut = [], 0
+    for rec in records:
+        p, (r,), cut = truncate(encode_prompt(enc, rec['prompt']), [encode_response(enc, rec['response'])], block_size)
+        out.append((p, r))
+        n_cut += cut
+    report(name, len(out), n_cut, block_size)
+    return out
+
+
+def tokenize_prefs(records, enc, block_size, name='prefs'):
+    """[(prompt_ids, chosen_ids, rejected_ids)]; both sides of a pair keep the same prompt."""
+    out, n_cut = [], 0
+    for rec in records:
+        responses = [encode_response(enc, rec['chosen']), encode_response(enc, rec['rejected'])]
+        p, (c, r), cut = truncate(encode_prompt(enc, rec['prompt']), responses, block_size)
+        out.append((p, c, r))
+        n_cut += cut
+    report(name, len(out), n_cut, block_size)
+    return out
+
+
+def tokenize_prompts(records, enc, max_prompt_len, name='prompts'):
+    """[prompt_ids], each keeping at most its last max_prompt_len tokens."""
+    out, n_cut = [], 0
+    for rec in records:
+        p = encode_prompt(enc, rec['prompt'])
+        n_cut += len(p) > max_prompt_len
+        out.append(p[-max_prompt_len:])
+    report(name, len(out), n_cut, max_prompt_len)
+    return out
+
+
+def report(name, n, n_cut, limit):
+    if n_cut:
+        print(f"{name}: {n_cut} of {n} examples truncated to {limit} tokens (prompt end and response start kept)")
+
+
+def collate(examples, pad_id, device='cpu'):
+    """
+    Right-padded batch of (prompt_ids, response_ids) pairs:
+      seq      (B, T)     prompt + response, padded with pad_id
+      targets  (B, T-1)   seq[:, 1:] where the next token is a response token, else -1
+      lengths  (B,)       real tokens per row; the last real token sits at lengths - 1
+    Right padding needs no attention mask (causality hides what follows), so the model runs on
+    seq or seq[:, :-1] as it is.
+    """
+    T = max(len(p) + len(r) for p, r in examples)
+    seq = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(examples), T - 1), -1, dtype=torch.long)
+    lengths = torch.empty(len(examples), dtype=torch.long)
+    for i, (p, r) in enumerate(examples):
+        seq[i, :len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        targets[i, len(p) - 1:len(p) + len(r) - 1] = torch.tensor(r, dtype=torch.long)
+        lengths[i] = len(p) + len(r)
+    if device != 'cpu':
+        seq, targets, lengths = (t.pin_memory().to(device, non_blocking=True) for t in (seq, targets, lengths))
+    return seq, targets, lengths
+
+
+def batch_indices(n, batch_size, step, seed, rank=0, world_size=1):
+    """
+    Example indices for optimizer step `step`: a fresh permutation each epoch, seeded by
+    (seed, epoch), so the data order is a pure function of the step and a resumed run continues
+    exactly where it stopped. Under DDP each rank takes its slice of the global batch.
+    """
+    per_epoch = n // batch_size
+    assert per_epoch > 0, f"{n} examples cannot fill one batch of {batch_size}"
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    batch = perm[i * batch_size:(i + 1) * batch_size]
+    per_rank = batch_size // world_size
+    return batch[rank * per_rank:(rank + 1) * per_rank].tolist()

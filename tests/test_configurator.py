@@ -1,0 +1,213 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from configurator import ConfigError, check, configure  # noqa: E402
+
+
+class Model:
+    pass
+
+
+def helper():
+    pass
+
+
+def defaults():
+    """A script's globals: config keys next to things that are not keys."""
+    return {'__name__': '__main__', '_private': 3, 'os': os, 'helper': helper, 'Model': Model,
+            'layers': [1, 2], 'out_dir': 'out/sft', 'batch_size': 64, 'learning_rate': 1e-3,
+            'compile': False, 'init_from': 'scratch', 'wandb_run_name': None}
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+# -----------------------------------------------------------------------------
+# overrides
+
+def test_command_line_overrides_each_type():
+    g = defaults()
+    config = configure(g, ['--batch_size=32', '--learning_rate=0.5', '--compile=True',
+                           '--out_dir=out/x', '--init_from=gpt2'])
+    assert config['batch_size'] == 32 and type(config['batch_size']) is int
+    assert config['learning_rate'] == 0.5
+    assert config['compile'] is True
+    assert config['out_dir'] == 'out/x'
+    assert config['init_from'] == 'gpt2'
+    assert g['batch_size'] == 32 and g['out_dir'] == 'out/x'  # globals updated in place
+
+
+def test_int_for_float_key_becomes_float():
+    config = configure(defaults(), ['--learning_rate=1'])
+    assert config['learning_rate'] == 1.0 and type(config['learning_rate']) is float
+
+
+def test_str_key_keeps_raw_string_and_none_key_takes_any_type():
+    config = configure(defaults(), ['--out_dir=123', '--wandb_run_name=7'])
+    assert config['out_dir'] == '123'
+    assert config['wandb_run_name'] == 7
+
+
+def test_later_override_wins():
+    config = configure(defaults(), ['--batch_size=8', '--batch_size=16'])
+    assert config['batch_size'] == 16
+
+
+def test_config_file_overrides(tmp_path):
+    path = write(tmp_path / 'small.py', "import math\n_scratch = 1\ndef f(): pass\n"
+                 "batch_size = 8\nlearning_rate = 3e-4\nout_dir = 'out/small'\n")
+    config = configure(defaults(), [path])
+    assert config['batch_size'] == 8 and config['learning_rate'] == 3e-4
+    assert config['out_dir'] == 'out/small'
+
+
+def test_command_line_after_file_wins(tmp_path):
+    path = write(tmp_path / 'small.py', 'batch_size = 8\nlearning_rate = 3e-4\n')
+    config = configure(defaults(), [path, '--batch_size=4'])
+    assert config['batch_size'] == 4 and config['learning_rate'] == 3e-4
+
+
+def test_overrides_are_printed_on_main_process_only(capsys, monkeypatch):
+    monkeypatch.delenv('RANK', raising=False)
+    configure(defaults(), ['--batch_size=32', '--out_dir=out/x'])
+    assert capsys.readouterr().out == "overriding batch_size = 32\noverriding out_dir = 'out/x'\n"
+    monkeypatch.setenv('RANK', '1')
+    configure(defaults(), ['--batch_size=32'])
+    assert capsys.readouterr().out == ''
+
+
+def test_returned_dict_has_all_keys_and_only_keys():
+    config = configure(defaults(), ['--compile=True'])
+    assert config == {'out_dir': 'out/sft', 'batch_size': 64, 'learning_rate': 1e-3,
+                      'compile': True, 'init_from': 'scratch', 'wandb_run_name': None}
+
+
+# -----------------------------------------------------------------------------
+# errors
+
+def test_unknown_key_on_command_line():
+    with pytest.raises(ConfigError) as e:
+        configure(defaults(), ['--learning_rat=0.1'])
+    msg = str(e.value)
+    assert "unknown config key 'learning_rat'" in msg
+    assert "did you mean 'learning_rate'" in msg and 'command line' in msg
+    assert msg.endswith('valid keys: out_dir, batch_size, learning_rate, compile, init_from, '
+                        'wandb_run_name')
+
+
+def test_unknown_key_in_config_file(tmp_path):
+    path = write(tmp_path / 'typo.py', 'batch_sise = 8\n')
+    with pytest.raises(ConfigError) as e:
+        configure(defaults(), [path])
+    msg = str(e.value)
+    assert "'batch_sise'" in msg and "did you mean 'batch_size'" in msg and path in msg
+
+
+@pytest.mark.parametrize('arg, message', [
+    ('--batch_size=abc', "'batch_size' from command line: expected int, got str ('abc')"),
+    ('--batch_size=0.5', "'batch_size' from command line: expected int, got float (0.5)"),
+    ('--batch_size=True', "'batch_size' from command line: expected int, got bool (True)"),
+    ('--compile=1', "'compile' from command line: expected bool, got int (1)"),
+    ('--compile=false', "'compile' from command line: expected bool, got str ('false')"),
+])
+def test_wrong_type_names_both_types(arg, message):
+    with pytest.raises(ConfigError) as e:
+        configure(defaults(), [arg])
+    assert str(e.value) == 'wrong type for config key ' + message
+
+
+def test_wrong_type_in_config_file(tmp_path):
+    path = write(tmp_path / 'bad.py', "batch_size = '8'\n")  # file values are real: no raw string
+    with pytest.raises(ConfigError, match=r"expected int, got str \('8'\)"):
+        configure(defaults(), [path])
+
+
+def test_malformed_arguments():
+    with pytest.raises(ConfigError, match=r"malformed argument '--batch_size': expected --key="):
+        configure(defaults(), ['--batch_size'])
+    with pytest.raises(ConfigError, match='malformed argument'):
+        configure(defaults(), ['-b=3'])
+
+
+def test_missing_config_file(tmp_path):
+    path = str(tmp_path / 'nope.py')
+    with pytest.raises(ConfigError, match='config file not found') as e:
+        configure(defaults(), [path])
+    assert path in str(e.value)
+
+
+def test_check():
+    check(0.1 >= 0, 'kl_coef must be >= 0')  # passes silently
+    with pytest.raises(ConfigError, match='kl_coef must be >= 0'):
+        check(-0.1 >= 0, 'kl_coef must be >= 0')
+    assert issubclass(ConfigError, ValueError)
+
+
+# -----------------------------------------------------------------------------
+# --help
+
+def test_help_prints_keys_defaults_and_comments(tmp_path, capsys):
+    script = write(tmp_path / 'train_x.py',
+                   "out_dir = 'out/#1'   # where checkpoints go\n"
+                   "batch_size = 64      # sequences per optimizer step\n"
+                   "compile = False\n"
+                   "def f():\n    batch_size = 1  # not module level\n")
+    g = {'__file__': script, 'out_dir': 'out/#1', 'batch_size': 64, 'compile': False}
+    with pytest.raises(SystemExit) as e:
+        configure(g, ['--batch_size=3', '--help'])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert 'usage: python train_x.py' in out
+    assert "  out_dir = 'out/#1'  # where checkpoints go\n" in out
+    assert '  batch_size = 64     # sequences per optimizer step\n' in out
+    assert '  compile = False\n' in out
+    assert 'overriding' not in out and g['batch_size'] == 64  # help applies nothing
+
+
+# -----------------------------------------------------------------------------
+# as a script sees it: real sys.argv, exit code 2 and a message instead of a traceback
+
+SCRIPT = """\
+lr = 0.1       # learning rate
+steps = 10     # optimizer steps
+name = 'run'   # run name
+from configurator import configure
+config = configure(globals())
+print(config)
+"""
+
+
+def run_script(tmp_path, *args):
+    script = write(tmp_path / 'train_tiny.py', SCRIPT)
+    env = {**os.environ, 'PYTHONPATH': str(ROOT)}
+    env.pop('RANK', None)
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_script_overrides(tmp_path):
+    result = run_script(tmp_path, '--lr=0.5', '--name=x/y')
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ("overriding lr = 0.5\noverriding name = 'x/y'\n"
+                             "{'lr': 0.5, 'steps': 10, 'name': 'x/y'}\n")
+
+
+def test_script_bad_key_exits_2_without_traceback(tmp_path):
+    result = run_script(tmp_path, '--stepz=5')
+    assert result.returncode == 2
+    assert "unknown config key 'stepz' from command line (did you mean 'steps'?)" in result.stderr
+    assert 'Traceback' not in result.stderr and result.stdout == ''
+
+
+def test_script_help(tmp_path):
+    result = run_script(tmp_path, '-h')
+    assert result.returncode == 0
+    assert '  steps = 10    # optimizer steps\n' in result.stdout

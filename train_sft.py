@@ -1,0 +1,207 @@
+"""
+Supervised fine-tuning (SFT): teach the model to answer like the demonstrations.
+
+    L_SFT(theta) = - (1 / N) * sum_{(x, y) in batch} sum_t log pi_theta(y_t | x, y_<t)
+
+summed over response tokens y_t only (N = response tokens in the batch): the prompt x conditions
+the model but its targets are -1, so it is never learned. Every response ends with
+<|endoftext|>, which is a target too: a model that never learns to stop is a classic bug.
+
+    python train_sft.py                              # built-in world, tiny model from scratch, CPU
+    python train_sft.py --max_steps=200              # any default below can be overridden
+    python train_sft.py config/sft_gpt2_hh.py        # GPT-2 on Anthropic HH-RLHF, one GPU
+    torchrun --standalone --nproc_per_node=8 train_sft.py config/sft_gpt2_hh.py
+"""
+import json
+import os
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from common import (all_reduce_mean, default_device, default_dtype, get_lr, get_tokenizer, load_checkpoint,
+                    restore_rng, save_checkpoint, setup, unwrap, GPT2_VOCAB_SIZE)
+from configurator import check, configure
+from loaders import batch_indices, collate, read_jsonl, tokenize_sft
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+# default config values: the built-in world (data/tinyhh), a tiny model from scratch, on a CPU
+out_dir = 'out/sft'                           # checkpoints: ckpt.pt (latest, to resume) and best.pt (best val loss)
+train_file = 'data/tinyhh/sft_train.jsonl'    # {"prompt", "response"} per line
+val_file = 'data/tinyhh/sft_val.jsonl'        # held-out demonstrations for the validation loss
+train_subset = 0                              # use only the first N training examples (0: all; 64: an overfit check)
+init_from = 'scratch'                         # 'scratch' | 'resume' | 'gpt2' | 'gpt2-medium' | ... | a local HF directory
+# model (used with init_from='scratch')
+n_layer = 4                                   # transformer blocks
+n_head = 4                                    # attention heads
+n_embd = 128                                  # width
+block_size = 128                              # context length: prompt + response tokens
+vocab_size = 8192                             # first N ranks of GPT-2's BPE (50257: the full vocabulary)
+dropout = 0.0                                 # dropout in the model
+# optimization
+batch_size = 32                               # sequences per optimizer step, summed over all processes
+micro_batch_size = 32                         # sequences per forward pass per process (gradient accumulation)
+max_steps = 1200                              # optimizer steps
+learning_rate = 2e-3                          # peak learning rate
+min_lr_ratio = 0.1                            # final learning rate as a fraction of the peak
+warmup_steps = 50                             # linear warmup steps
+weight_decay = 0.1                            # AdamW weight decay, on matrices only
+beta1 = 0.9                                   # AdamW beta1
+beta2 = 0.95                                  # AdamW beta2
+grad_clip = 1.0                               # clip the gradient norm at this value (0: off)
+skip_nonfinite = False                        # on a NaN/inf loss or gradient: skip the step (True) or stop (False)
+# evaluation, logging, checkpoints
+eval_interval = 200                           # steps between validation evals (and checkpoints)
+eval_batches = 8                              # micro-batches per validation eval
+seed = 1337                                   # seeds the data order and the initialisation
+# system
+device = default_device()                     # 'cpu' | 'cuda' | 'cuda:1' ...
+dtype = default_dtype()                       # 'float32' | 'bfloat16' | 'float16'
+compile = False                               # torch.compile the model (worth it on a GPU)
+# -----------------------------------------------------------------------------
+config = configure(globals())
+check(batch_size > 0 and micro_batch_size > 0 and max_steps > 0, "batch_size, micro_batch_size and max_steps must be > 0")
+check(learning_rate > 0 and grad_clip >= 0 and 0 <= dropout < 1, "need learning_rate > 0, grad_clip >= 0, 0 <= dropout < 1")
+
+# -----------------------------------------------------------------------------
+# set-up: processes, device, precision
+ddp, rank, world_size, device, ctx = setup(device, dtype, seed)
+master = rank == 0
+check(batch_size % (micro_batch_size * world_size) == 0,
+      f"batch_size {batch_size} must be divisible by micro_batch_size {micro_batch_size} x {world_size} processes")
+grad_accum = batch_size // (micro_batch_size * world_size)
+device_type = 'cuda' if 'cuda' in device else 'cpu'
+
+# -----------------------------------------------------------------------------
+# the model: from scratch, from GPT-2, or resumed
+start_step, best_val, ckpt_path = 0, float('inf'), os.path.join(out_dir, 'ckpt.pt')
+if init_from == 'resume':
+    ckpt = load_checkpoint(ckpt_path, stage='sft', hint=f"nothing to resume in {out_dir}")
+    model_args = ckpt['model_args']
+    model = GPT(GPTConfig(**model_args))
+    model.load_state_dict(ckpt['model'])
+    start_step, best_val = ckpt['step'], ckpt['best_val']
+elif init_from == 'scratch':
+    model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                      vocab_size=vocab_size, dropout=dropout, bias=True)
+    model = GPT(GPTConfig(**model_args))
+else:
+    model = GPT.from_pretrained(init_from, dropout=dropout)
+    model_args = {k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size', 'dropout', 'bias')}
+check(model_args['block_size'] >= block_size, f"block_size {block_size} > the model's {model_args['block_size']}")
+model.to(device)
+enc = get_tokenizer(model_args['vocab_size'])
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if init_from == 'resume':
+    optimizer.load_state_dict(ckpt['optimizer'])
+    restore_rng(ckpt)
+    del ckpt
+if master:
+    print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, vocabulary {model_args['vocab_size']}")
+train_model = torch.compile(model) if compile else model
+if ddp:
+    train_model = DDP(train_model, device_ids=[int(device.split(':')[1])] if device_type == 'cuda' else None)
+
+# -----------------------------------------------------------------------------
+# data: (prompt ids, response ids) pairs; the batch masks everything but the response
+train = tokenize_sft(read_jsonl(train_file, 'sft'), enc, block_size, train_file)
+val = tokenize_sft(read_jsonl(val_file, 'sft'), enc, block_size, val_file)
+if train_subset:
+    train = train[:train_subset]
+check(len(train) >= batch_size, f"{train_file}: {len(train)} examples, fewer than one batch of {batch_size}")
+if master:
+    print(f"data: {len(train)} train and {len(val)} val demonstrations; {grad_accum} micro-batches of "
+          f"{micro_batch_size} x {world_size} processes per step")
+
+
+def sft_loss(logprobs, targets, n_tokens):
+    """L_SFT: minus the log-likelihood of the response tokens (targets >= 0), divided by the number
+    of response tokens in the whole batch, so micro-batches and processes add up to the batch mean."""
+    return -(logprobs * (targets >= 0)).sum() / n_tokens
+
+
+@torch.no_grad()
+def evaluate():
+    """Mean per-token validation loss over the first eval_batches micro-batches of val."""
+    model.eval()
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    for i in range(rank * micro_batch_size, min(len(val), eval_batches * micro_batch_size * world_size),
+                   micro_batch_size * world_size):
+        seq, targets, _ = collate(val[i:i + micro_batch_size], enc.eot_token, device)
+        with ctx:
+            logprobs, _ = model(seq[:, :-1], targets)
+        total -= logprobs.sum()
+        count += (targets >= 0).sum()
+    model.train()
+    return (all_reduce_mean(total, ddp) / all_reduce_mean(count, ddp)).item()
+
+
+def save(step, best):
+    save_checkpoint(ckpt_path, model, optimizer, model_args, config, 'sft', step, best_val=best)
+
+
+# -----------------------------------------------------------------------------
+# training loop
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+log = open(os.path.join(out_dir, 'log.jsonl'), 'a') if master else None
+model.train()
+t0, tokens_seen = time.time(), 0
+bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, disable=not master, desc='sft')
+for step in bar:
+    lr = get_lr(step, learning_rate, warmup_steps, max_steps, min_lr_ratio)
+    if step % eval_interval == 0 or step == max_steps - 1:
+        val_loss = evaluate()
+        if master:
+            improved = val_loss < best_val
+            best_val = min(best_val, val_loss)
+            save(step, best_val)  # the latest state, to resume from
+            if improved:
+                save_checkpoint(os.path.join(out_dir, 'best.pt'), model, None, model_args, config, 'sft', step, best_val=best_val)
+            tqdm.write(f"step {step}: val loss {val_loss:.4f}{' (best)' if improved else ''}, lr {lr:.2e}")
+            log.write(json.dumps({'step': step, 'val/loss': val_loss}) + '\n')
+
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    # this process's share of the global batch, split into micro-batches
+    idx = batch_indices(len(train), batch_size, step, seed, rank, world_size)
+    micro = [collate([train[j] for j in idx[k:k + micro_batch_size]], enc.eot_token, device)
+             for k in range(0, len(idx), micro_batch_size)]
+    n_tokens = sum((targets >= 0).sum() for _, targets, _ in micro).float()
+    n_tokens = all_reduce_mean(n_tokens, ddp) * world_size  # response tokens in the global batch
+    loss_sum = torch.zeros((), device=device)
+    for k, (seq, targets, _) in enumerate(micro):
+        if ddp:  # sync gradients only on the last micro-batch
+            train_model.require_backward_grad_sync = k == len(micro) - 1
+        with ctx:
+            logprobs, _ = train_model(seq[:, :-1], targets)
+            loss = sft_loss(logprobs, targets, n_tokens)
+        # DDP averages gradients over processes; the loss is already normalised by the global count
+        (loss * world_size).backward()
+        loss_sum += loss.detach()
+        tokens_seen += seq.numel()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
+    loss_value = all_reduce_mean(loss_sum, ddp).item() * world_size
+    if not (torch.isfinite(grad_norm) and torch.isfinite(torch.tensor(loss_value))):
+        optimizer.zero_grad(set_to_none=True)
+        if skip_nonfinite:
+            tqdm.write(f"step {step}: non-finite loss {loss_value} or gradient norm {grad_norm:.3g}, step skipped")
+            continue
+        raise FloatingPointError(f"step {step}: non-finite loss {loss_value} or gradient norm {grad_norm:.3g}; "
+                                 f"the last good checkpoint is {ckpt_path} (resume with --init_from=resume)")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if master:
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+        log.write(json.dumps({'step': step, 'train/loss': loss_value, 'lr': lr}) + '\n')
+
+if master:
+    save(max_steps, best_val)
+    dt = time.time() - t0
+    print(f"done: {max_steps} steps, final train loss {loss_value:.4f}, best val loss {best_val:.4f}, "
+          f"{dt:.0f} s ({tokens_seen * world_size / max(dt, 1e-9):.0f} tokens/s); best weights in {out_dir}/best.pt")
+    log.close()
+if ddp:
+    torch.distributed.destroy_process_group()
