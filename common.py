@@ -205,3 +205,28 @@ def all_reduce_mean(x, ddp):
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
         x /= dist.get_world_size()
     return x
+
+
+def model_from_checkpoint(ckpt, scalar_head=None, dropout=0.0):
+    """A GPT built from a checkpoint's model_args and weights. scalar_head=True on an LM checkpoint
+    adds a fresh (zero) scalar head: how a reward model starts from the SFT model."""
+    from model import GPT, GPTConfig
+    args = dict(ckpt['model_args'], dropout=dropout)
+    if scalar_head is not None:
+        args['scalar_head'] = scalar_head
+    model = GPT(GPTConfig(**args))
+    missing, unexpected = model.load_state_dict(ckpt['model'], strict=False)
+    assert not unexpected and all(k.startswith('scalar_head') for k in missing), (missing, unexpected)
+    return model, args
+
+
+def check_finite(loss, grad_norm, step, ckpt_path, skip):
+    """A NaN/inf loss or gradient norm stops the run (naming the step and the last good checkpoint)
+    or, with skip, skips the step. Returns True when the step may be taken."""
+    if math.isfinite(loss) and math.isfinite(float(grad_norm)):
+        return True
+    msg = f"step {step}: non-finite loss {loss} or gradient norm {float(grad_norm):.3g}"
+    if skip:
+        print(f"{msg}; step skipped")
+        return False
+    raise FloatingPointError(f"{msg}; the last good checkpoint is {ckpt_path} (resume with --init_from=resume)")

@@ -34,9 +34,11 @@ class ConfigError(ValueError):
 
 
 def check(condition, message):
-    """Range checks in scripts: check(kl_coef >= 0, 'kl_coef must be >= 0')."""
+    """Range checks in scripts: check(kl_coef >= 0, 'kl_coef must be >= 0'). A failed check ends
+    the script at start-up with the message and exit code 2, no traceback."""
     if not condition:
-        raise ConfigError(message)
+        print(f'config error: {message}', file=sys.stderr)
+        sys.exit(2)
 
 
 def print_help(keys, path):

@@ -53,6 +53,8 @@ def read_jsonl(path, schema):
             rec = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        except (ValueError, RecursionError) as e:  # an int over 4300 digits; nesting too deep
+            raise DataError(f"{where}: invalid JSON ({e})") from None
         if not isinstance(rec, dict):
             raise DataError(f"{where}: expected a JSON object with keys {list(fields)}, got {type(rec).__name__}")
         for k in fields:

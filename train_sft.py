@@ -20,11 +20,20 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (all_reduce_mean, default_device, default_dtype, get_lr, get_tokenizer, load_checkpoint,
-                    restore_rng, save_checkpoint, setup, unwrap, GPT2_VOCAB_SIZE)
+from common import (all_reduce_mean, check_finite, default_device, default_dtype, get_lr, get_tokenizer,
+                    load_checkpoint, model_from_checkpoint, restore_rng, save_checkpoint, setup)
 from configurator import check, configure
 from loaders import batch_indices, collate, read_jsonl, tokenize_sft
 from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+# the loss: a pure function (checked against a hand computation in tests/)
+
+
+def sft_loss(logprobs, targets, n_tokens):
+    """L_SFT: minus the log-likelihood of the response tokens (targets >= 0), divided by the number
+    of response tokens in the whole batch, so micro-batches and processes add up to the batch mean."""
+    return -(logprobs * (targets >= 0)).sum() / n_tokens
 
 # -----------------------------------------------------------------------------
 # default config values: the built-in world (data/tinyhh), a tiny model from scratch, on a CPU
@@ -79,9 +88,7 @@ device_type = 'cuda' if 'cuda' in device else 'cpu'
 start_step, best_val, ckpt_path = 0, float('inf'), os.path.join(out_dir, 'ckpt.pt')
 if init_from == 'resume':
     ckpt = load_checkpoint(ckpt_path, stage='sft', hint=f"nothing to resume in {out_dir}")
-    model_args = ckpt['model_args']
-    model = GPT(GPTConfig(**model_args))
-    model.load_state_dict(ckpt['model'])
+    model, model_args = model_from_checkpoint(ckpt, dropout=dropout)
     start_step, best_val = ckpt['step'], ckpt['best_val']
 elif init_from == 'scratch':
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
@@ -116,11 +123,6 @@ if master:
           f"{micro_batch_size} x {world_size} processes per step")
 
 
-def sft_loss(logprobs, targets, n_tokens):
-    """L_SFT: minus the log-likelihood of the response tokens (targets >= 0), divided by the number
-    of response tokens in the whole batch, so micro-batches and processes add up to the batch mean."""
-    return -(logprobs * (targets >= 0)).sum() / n_tokens
-
 
 @torch.no_grad()
 def evaluate():
@@ -149,7 +151,7 @@ if master:
 log = open(os.path.join(out_dir, 'log.jsonl'), 'a') if master else None
 model.train()
 t0, tokens_seen = time.time(), 0
-bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, disable=not master, desc='sft')
+bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, disable=not master, desc='sft', mininterval=1.0)
 for step in bar:
     lr = get_lr(step, learning_rate, warmup_steps, max_steps, min_lr_ratio)
     if step % eval_interval == 0 or step == max_steps - 1:
@@ -184,13 +186,9 @@ for step in bar:
         tokens_seen += seq.numel()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
     loss_value = all_reduce_mean(loss_sum, ddp).item() * world_size
-    if not (torch.isfinite(grad_norm) and torch.isfinite(torch.tensor(loss_value))):
+    if not check_finite(loss_value, grad_norm, step, ckpt_path, skip_nonfinite):
         optimizer.zero_grad(set_to_none=True)
-        if skip_nonfinite:
-            tqdm.write(f"step {step}: non-finite loss {loss_value} or gradient norm {grad_norm:.3g}, step skipped")
-            continue
-        raise FloatingPointError(f"step {step}: non-finite loss {loss_value} or gradient norm {grad_norm:.3g}; "
-                                 f"the last good checkpoint is {ckpt_path} (resume with --init_from=resume)")
+        continue
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if master:

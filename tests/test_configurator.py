@@ -144,10 +144,13 @@ def test_missing_config_file(tmp_path):
     assert path in str(e.value)
 
 
-def test_check():
+def test_check(capsys):
     check(0.1 >= 0, 'kl_coef must be >= 0')  # passes silently
-    with pytest.raises(ConfigError, match='kl_coef must be >= 0'):
+    assert capsys.readouterr().err == ''
+    with pytest.raises(SystemExit) as e:
         check(-0.1 >= 0, 'kl_coef must be >= 0')
+    assert e.value.code == 2
+    assert capsys.readouterr().err == 'config error: kl_coef must be >= 0\n'
     assert issubclass(ConfigError, ValueError)
 
 

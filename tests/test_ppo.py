@@ -1,0 +1,177 @@
+"""PPO's math against closed forms, and the script end to end on a tiny model."""
+import json
+import math
+
+import pytest
+import torch
+
+from common import save_checkpoint
+from model import GPT, GPTConfig
+from scripts import read_log, run_script, script_functions
+
+ppo = script_functions('train_ppo.py')
+
+
+def test_gae_hand_computation():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7]])
+    mask = torch.ones(1, 3)
+    adv, ret = ppo.gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    assert torch.allclose(adv, torch.tensor([[0.46575, 0.385, 0.3]]), atol=1e-6)
+    assert torch.allclose(ret, torch.tensor([[0.96575, 0.985, 1.0]]), atol=1e-6)
+    # lam = 1: Monte Carlo return minus the value; lam = 0: the one-step TD error
+    adv1, _ = ppo.gae(rewards, values, mask, 1.0, 1.0)
+    assert torch.allclose(adv1, torch.tensor([[0.5, 0.4, 0.3]]), atol=1e-6)
+    adv0, _ = ppo.gae(rewards, values, mask, 1.0, 0.0)
+    assert torch.allclose(adv0, torch.tensor([[0.1, 0.1, 0.3]]), atol=1e-6)
+    # a discount: delta_2 = 1 - .7, delta_1 = .9*.7 - .6, A_1 = delta_1 + .9*.5*A_2
+    adv_g, _ = ppo.gae(rewards, values, mask, 0.9, 0.5)
+    a2 = 0.3
+    a1 = 0.9 * 0.7 - 0.6 + 0.45 * a2
+    a0 = 0.9 * 0.6 - 0.5 + 0.45 * a1
+    assert torch.allclose(adv_g, torch.tensor([[a0, a1, a2]]), atol=1e-6)
+
+
+def test_gae_padding_is_ignored():
+    # the same row, padded with two positions whose (garbage) rewards and values must not leak in
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 5.0, 5.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1, 1, 0, 0]])
+    adv, ret = ppo.gae(rewards * mask, values, mask, 1.0, 0.95)
+    assert torch.allclose(adv[:, :3], torch.tensor([[0.46575, 0.385, 0.3]]), atol=1e-6)
+    assert torch.all(adv[:, 3:] == 0) and torch.all(ret[:, 3:] == 0)
+
+
+def test_reward_placement_and_missing_eos_penalty():
+    mask = torch.tensor([[1.0, 1, 1, 0], [1.0, 1, 1, 1]])
+    logprobs = torch.tensor([[-1.0, -2, -1, -7], [-1.0, -1, -1, -1]])
+    ref = torch.tensor([[-1.5, -2, -0.5, -3], [-1.0, -1, -1, -1]])
+    ended = torch.tensor([True, False])
+    scores = ppo.reward_scores(torch.tensor([0.8, 0.3]), ended, missing_eos_penalty=-1.0)
+    assert torch.allclose(scores, torch.tensor([0.8, -0.7]))  # the penalty is added, only to the row that never ended
+    rewards, kl = ppo.per_token_rewards(scores, logprobs, ref, mask, kl_coef=0.1)
+    expected = torch.tensor([[-0.1 * 0.5, 0.0, -0.1 * -0.5 + 0.8, 0.0],
+                             [0.0, 0.0, 0.0, -0.7]])
+    assert torch.allclose(rewards, expected, atol=1e-6)
+    assert kl[0, 3] == 0 and rewards[0, 3] == 0  # padding gets nothing, however different its log-probs
+
+
+def test_kl_estimators_are_unbiased():
+    torch.manual_seed(0)
+    p = torch.tensor([0.5, 0.3, 0.2])
+    q = torch.tensor([0.2, 0.5, 0.3])
+    true_kl = (p * (p / q).log()).sum()
+    samples = torch.multinomial(p, 400_000, replacement=True)
+    k1, k3 = ppo.kl_estimators(p.log()[samples], q.log()[samples])
+    assert abs(k1.mean() - true_kl) < 0.005
+    assert abs(k3.mean() - true_kl) < 0.005
+    assert torch.all(k3 >= 0)  # k3 is never negative, k1 can be
+    assert (k1 < 0).any()
+    same1, same3 = ppo.kl_estimators(p.log()[samples], p.log()[samples])
+    assert same1.abs().max() == 0 and same3.abs().max() == 0
+
+
+def test_clipped_objective_gradient():
+    old = torch.zeros(4)
+    # ratios 1.5 (A>0, clipped side), 0.5 (A<0, clipped side), 1.1 (inside), 0.5 with A>0 (unclipped side)
+    new = torch.log(torch.tensor([1.5, 0.5, 1.1, 0.5])).requires_grad_()
+    adv = torch.tensor([1.0, -1.0, 1.0, 1.0])
+    mask = torch.ones(4)
+    loss, clipfrac, approxkl, ratio = ppo.ppo_policy_loss(new, old, adv, mask, cliprange=0.2)
+    loss.backward()
+    assert new.grad[0] == 0 and new.grad[1] == 0  # outside the clip range on the clipped side: no gradient
+    assert torch.isclose(new.grad[2], torch.tensor(-1.1 / 4))  # d(-A rho)/dlogp = -A rho, mean over 4
+    assert torch.isclose(new.grad[3], torch.tensor(-0.5 / 4))  # a bad ratio is still pulled back
+    assert clipfrac == 0.5
+    expected_loss = -(1.2 * 1 + 0.8 * -1 + 1.1 + 0.5) / 4
+    assert torch.isclose(loss, torch.tensor(expected_loss))
+    assert torch.isclose(approxkl, (0.5 * torch.log(torch.tensor([1.5, 0.5, 1.1, 0.5])) ** 2).mean())
+
+
+def test_policy_loss_ratio_one_and_mask():
+    logp = torch.tensor([[-1.0, -2.0, -3.0]])
+    adv = torch.tensor([[0.5, -1.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, clipfrac, approxkl, ratio = ppo.ppo_policy_loss(logp, logp, adv, mask, 0.2)
+    assert torch.isclose(loss, torch.tensor(-(0.5 - 1.0) / 2))  # the masked token's huge advantage is ignored
+    assert clipfrac == 0 and approxkl == 0 and torch.all(ratio == 1)
+
+
+def test_value_loss_matches_formula():
+    values = torch.tensor([1.0, 0.0, 0.5, 2.0])
+    old = torch.tensor([0.5, 0.5, 0.5, 0.5])
+    returns = torch.tensor([2.0, -1.0, 0.0, 0.5])
+    mask = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    loss, clipfrac = ppo.ppo_value_loss(values, old, returns, mask, cliprange_value=0.2)
+    clipped = torch.tensor([0.7, 0.3, 0.5, 0.7])
+    per_token = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+    assert torch.isclose(loss, 0.5 * per_token[:3].mean())
+    # token 0: plain (1-2)^2=1 < clipped (0.7-2)^2=1.69 -> clipped used; token 1: 1 < 1.69 -> clipped
+    assert torch.isclose(clipfrac, torch.tensor(2 / 3))
+
+
+def test_whiten_over_valid_tokens():
+    torch.manual_seed(0)
+    x = torch.randn(4, 6) * 3 + 2
+    mask = (torch.rand(4, 6) > 0.3).float()
+    w = ppo.whiten(x, mask)
+    valid = w[mask.bool()]
+    assert abs(valid.mean()) < 1e-5
+    assert abs(valid.pow(2).mean() - 1) < 1e-4  # population variance 1
+    assert torch.all(w[~mask.bool()] == 0)
+
+
+def test_adaptive_kl_controller():
+    assert math.isclose(ppo.adaptive_kl(0.1, 12.0, 6.0, 10000, 64), 0.1 * (1 + 0.2 * 64 / 10000))  # error clipped at +0.2
+    assert math.isclose(ppo.adaptive_kl(0.1, 5.4, 6.0, 10000, 64), 0.1 * (1 - 0.1 * 64 / 10000))
+    assert ppo.adaptive_kl(0.1, 6.0, 6.0, 10000, 64) == 0.1
+
+
+# -----------------------------------------------------------------------------
+# the script end to end on a tiny random model: it must run, and the first minibatch's ratio is 1
+
+
+def make_tiny_world(tmp_path, n_prompts=32):
+    torch.manual_seed(0)
+    args = dict(block_size=64, vocab_size=512, n_layer=1, n_head=2, n_embd=32, dropout=0.0, bias=True)
+    sft = GPT(GPTConfig(**args))
+    rm = GPT(GPTConfig(**args, scalar_head=True))
+    torch.nn.init.normal_(rm.scalar_head.weight, std=0.5)
+    save_checkpoint(tmp_path / 'sft.pt', sft, None, args, {}, 'sft', 0)
+    save_checkpoint(tmp_path / 'rm.pt', rm, None, dict(args, scalar_head=True), {}, 'rm', 0)
+    with open(tmp_path / 'prompts.jsonl', 'w') as f:
+        for i in range(n_prompts):
+            f.write(json.dumps({'prompt': f"what is {i} plus {i * 7 % 5}?" + ' please' * (i % 4)}) + '\n')
+    return ['--sft_ckpt=' + str(tmp_path / 'sft.pt'), '--rm_ckpt=' + str(tmp_path / 'rm.pt'),
+            '--prompt_file=' + str(tmp_path / 'prompts.jsonl'), '--gold_judge=', '--max_prompt_len=24',
+            '--max_new_tokens=16', '--batch_size=8', '--mini_batch_size=4', '--micro_batch_size=2',
+            '--ppo_epochs=2', '--device=cpu', '--dtype=float32']
+
+
+def test_ppo_script_ratio_identity(tmp_path):
+    args = make_tiny_world(tmp_path)
+    run_script('train_ppo.py', *args, '--max_iters=3', f'--out_dir={tmp_path / "ppo"}', '--learning_rate=1e-3')
+    log = read_log(tmp_path / 'ppo' / 'log.jsonl')
+    assert len(log) == 3
+    for row in log:
+        # the first minibatch of the first epoch sees the rollout's own policy: ratio exactly 1
+        assert row['check/ratio_dev'] < 1e-4
+        assert all(math.isfinite(v) for v in row.values())
+        assert 0 <= row['ended'] <= 1 and 1 <= row['response_length'] <= 16
+    assert log[-1]['kl'] != 0  # the policy moved away from the reference
+
+
+def test_ppo_missing_checkpoint_says_which_stage(tmp_path):
+    args = make_tiny_world(tmp_path)
+    args = [a for a in args if not a.startswith('--rm_ckpt')] + [f'--rm_ckpt={tmp_path / "nope.pt"}']
+    p = run_script('train_ppo.py', *args, f'--out_dir={tmp_path / "ppo"}', check=False)
+    assert p.returncode != 0
+    assert 'train_reward_model.py' in p.stderr and 'nope.pt' in p.stderr
+
+
+@pytest.mark.parametrize('bad, message', [('--kl_coef=-0.1', 'kl_coef must be >= 0'),
+                                          ('--temperature=0.0', 'temperature must be > 0'),
+                                          ('--mini_batch_size=3', 'divisible')])
+def test_ppo_bad_config(tmp_path, bad, message):
+    p = run_script('train_ppo.py', *make_tiny_world(tmp_path), bad, f'--out_dir={tmp_path / "ppo"}', check=False)
+    assert p.returncode != 0 and message in p.stderr

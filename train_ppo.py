@@ -1,0 +1,358 @@
+"""
+PPO with a KL penalty and a value head: RLHF as in Ziegler et al. (2019) and InstructGPT.
+
+One iteration:
+  1. rollout   the policy samples a response y to each prompt x at `temperature`, through the
+               KV cache; a response ends at its first <|endoftext|>.            -> policy.generate
+  2. score     the frozen reward model scores x+y at its last token; a response that never ended
+               gets `missing_eos_penalty` ADDED to its score.                  -> reward_scores
+               the frozen reference (the SFT model) gives log pi_ref(y_t); the value model V(s_t).
+  3. rewards   r_t = -kl_coef * (log pi(y_t) - log pi_ref(y_t)) at every response token,
+               plus the score at the last response token.                      -> per_token_rewards
+  4. GAE       A_t = sum_l (gamma lam)^l delta_{t+l}, delta_t = r_t + gamma V(s_{t+1}) - V(s_t);
+               returns R_t = A_t + V(s_t); advantages whitened over valid tokens. -> gae
+  5. update    several epochs over minibatches of the rollout batch:
+               L = L_clip + vf_coef * L_V, with
+               L_clip = -E[min(rho A, clip(rho, 1-eps, 1+eps) A)], rho = pi/pi_old  -> ppo_policy_loss
+               L_V = 0.5 E[max((V - R)^2, (clip(V, V_old +- eps_v) - R)^2)]        -> ppo_value_loss
+  6. kl_coef   fixed, or adapted toward target_kl (Ziegler et al.'s controller)    -> adaptive_kl
+
+Four models: the policy (trained, from SFT), the reference (frozen SFT), the reward model (frozen,
+from train_reward_model.py) and the value model (trained; initialised from the reward model, the
+standard choice: it already reads text as a scalar). Dropout is off everywhere, and every
+log-prob (sampling, reference, update) uses the same temperature, so the ratio is exactly 1 on the
+first minibatch (logged as check/ratio_dev). Not here: reward whitening, entropy bonus, multiple
+samples per prompt, a separate critic learning rate.
+
+    python train_ppo.py                  # after train_sft.py and train_reward_model.py
+    python train_ppo.py --kl_coef=0.1
+    python train_ppo.py config/ppo_gpt2_hh.py   # GPT-2 on Anthropic HH-RLHF, one GPU
+    torchrun --standalone --nproc_per_node=8 train_ppo.py config/ppo_gpt2_hh.py
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from common import (all_reduce_mean, check_finite, decode_response, default_device, default_dtype, get_tokenizer,
+                    load_checkpoint, model_from_checkpoint, restore_rng, save_checkpoint, setup)
+from configurator import check, configure
+from loaders import batch_indices, read_jsonl, tokenize_prompts
+
+# -----------------------------------------------------------------------------
+# the math: pure functions, tensors in and out (checked against closed forms in tests/)
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def reward_scores(rm_scores, ended, missing_eos_penalty):
+    """The score of each response: the reward model's, plus the penalty when it never ended."""
+    return rm_scores + missing_eos_penalty * (~ended).float()
+
+
+def per_token_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef):
+    """r_t = -kl_coef * (log pi - log pi_ref) on response tokens, + the score on the last one.
+    Returns (rewards, kl) both (B, N), zero on padding."""
+    kl = (logprobs - ref_logprobs) * response_mask
+    rewards = -kl_coef * kl
+    last = response_mask.sum(1).long() - 1  # index of the last real response token
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards, kl
+
+
+def gae(rewards, values, response_mask, gamma, lam):
+    """Generalised advantage estimation over response tokens (B, N); V after the last token is 0."""
+    values = values * response_mask
+    advantages = torch.zeros_like(rewards)
+    last_adv = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        next_value = values[:, t + 1] if t + 1 < rewards.size(1) else 0.0
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_adv = delta + gamma * lam * last_adv
+        advantages[:, t] = last_adv
+    advantages = advantages * response_mask
+    return advantages, advantages + values
+
+
+def whiten(x, mask, ddp=False):
+    """(x - mean) / std over valid tokens; with DDP the statistics are gathered over all ranks."""
+    stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()])
+    stats = all_reduce_mean(stats, ddp)
+    mean = stats[0] / stats[2]
+    var = stats[1] / stats[2] - mean ** 2
+    return (x - mean) * torch.rsqrt(var.clamp(min=1e-8)) * mask
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
+    """L_clip and its diagnostics: the fraction of tokens clipped and approx KL(old || new)."""
+    log_ratio = (logprobs - old_logprobs) * mask
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > unclipped).float(), mask)
+        approxkl = masked_mean(0.5 * log_ratio ** 2, mask)
+    return loss, clipfrac, approxkl, ratio
+
+
+def ppo_value_loss(values, old_values, returns, mask, cliprange_value):
+    """L_V: the larger of the plain and the clipped squared error, halved."""
+    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    sq, sq_clipped = (values - returns) ** 2, (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(sq, sq_clipped), mask)
+    clipfrac = masked_mean((sq_clipped > sq).float(), mask)
+    return loss, clipfrac
+
+
+def kl_estimators(logprobs, ref_logprobs):
+    """Per-token estimators of KL(pi || pi_ref) from samples of pi (Schulman's k1 and k3)."""
+    log_ratio = logprobs - ref_logprobs
+    return log_ratio, torch.exp(-log_ratio) - 1 + log_ratio
+
+
+def adaptive_kl(kl_coef, kl, target_kl, horizon, n_steps):
+    """Ziegler et al.'s controller: move kl_coef by at most 20% toward keeping kl at target_kl."""
+    error = max(-0.2, min(0.2, kl / target_kl - 1))
+    return kl_coef * (1 + error * n_steps / horizon)
+
+
+# -----------------------------------------------------------------------------
+# default config values: the built-in world on a CPU, after train_sft.py and train_reward_model.py
+out_dir = 'out/ppo'                           # checkpoint ckpt.pt: the policy, the value model, the optimizer
+sft_ckpt = 'out/sft/best.pt'                  # the policy and the reference start here
+rm_ckpt = 'out/rm/best.pt'                    # the reward model; the value model starts here too
+prompt_file = 'data/tinyhh/rl_prompts.jsonl'  # {"prompt"} per line
+init_from = 'sft'                             # 'sft' | 'resume'
+gold_judge = 'tinyhh'                         # also score rollouts with the built-in world's gold judge ('' = no)
+# rollouts
+batch_size = 64                               # prompts per iteration, summed over all processes
+max_prompt_len = 48                           # prompt tokens kept (the end of a longer prompt)
+max_new_tokens = 48                           # response tokens at most
+temperature = 0.7                             # sampling temperature, used in every log-prob computation
+missing_eos_penalty = -1.0                    # added to the score of a response that never ended
+# the objective
+kl_coef = 0.05                                # the KL penalty's coefficient (the initial one if adaptive)
+adaptive_kl_ctl = False                       # adapt kl_coef toward target_kl
+target_kl = 6.0                               # adaptive controller: target KL per sequence
+kl_horizon = 10000                            # adaptive controller: horizon in sequences
+gamma = 1.0                                   # discount
+lam = 0.95                                    # GAE lambda
+cliprange = 0.2                               # PPO clip on the probability ratio
+cliprange_value = 0.2                         # clip on the value change
+vf_coef = 0.1                                 # weight of the value loss
+# optimization
+max_iters = 150                               # PPO iterations (rollout + update)
+ppo_epochs = 4                                # passes over each rollout batch
+mini_batch_size = 16                          # sequences per optimizer step, summed over all processes
+micro_batch_size = 16                         # sequences per forward pass per process
+learning_rate = 1e-4                          # AdamW learning rate, policy and value model
+weight_decay = 0.0                            # AdamW weight decay
+grad_clip = 1.0                               # clip the gradient norm at this value (0: off)
+skip_nonfinite = False                        # on a NaN/inf loss or gradient: skip the step (True) or stop (False)
+# logging, checkpoints, system
+ckpt_interval = 25                            # iterations between checkpoints
+sample_interval = 25                          # iterations between printed sample responses
+seed = 1337                                   # seeds the prompt order and the sampling
+device = default_device()                     # 'cpu' | 'cuda' | 'cuda:1' ...
+dtype = default_dtype()                       # 'float32' | 'bfloat16' | 'float16'
+rollout_logprobs = True                       # old log-probs from sampling (exact in fp32); False: a forward pass
+compile = False                               # torch.compile the training forward passes
+# -----------------------------------------------------------------------------
+config = configure(globals())
+check(kl_coef >= 0, f"kl_coef must be >= 0, got {kl_coef}")
+check(temperature > 0, f"temperature must be > 0 (sampling is pure sampling at that temperature), got {temperature}")
+check(0 <= gamma <= 1 and 0 <= lam <= 1, "gamma and lam must be in [0, 1]")
+check(cliprange > 0 and cliprange_value > 0 and vf_coef >= 0, "cliprange, cliprange_value > 0 and vf_coef >= 0")
+check(target_kl > 0 and kl_horizon > 0, "target_kl and kl_horizon must be > 0")
+check(max_iters > 0 and ppo_epochs > 0 and max_prompt_len > 0 and max_new_tokens > 0, "sizes must be > 0")
+check(batch_size % mini_batch_size == 0, f"batch_size {batch_size} must be divisible by mini_batch_size {mini_batch_size}")
+
+# -----------------------------------------------------------------------------
+# set-up
+ddp, rank, world_size, device, ctx = setup(device, dtype, seed)
+master = rank == 0
+check(mini_batch_size % (micro_batch_size * world_size) == 0,
+      f"mini_batch_size {mini_batch_size} must be divisible by micro_batch_size {micro_batch_size} x {world_size} processes")
+device_type = 'cuda' if 'cuda' in device else 'cpu'
+rollout_batch = batch_size // world_size      # prompts this process samples per iteration
+grad_accum = mini_batch_size // (micro_batch_size * world_size)
+
+# -----------------------------------------------------------------------------
+# four models
+sft = load_checkpoint(sft_ckpt, stage='sft', hint='run python train_sft.py first')
+rm = load_checkpoint(rm_ckpt, stage='rm', hint='run python train_reward_model.py first')
+check(sft['model_args']['vocab_size'] == rm['model_args']['vocab_size'],
+      f"{sft_ckpt} and {rm_ckpt} use different vocabularies ({sft['model_args']['vocab_size']} vs {rm['model_args']['vocab_size']})")
+check(max_prompt_len + max_new_tokens <= sft['model_args']['block_size'],
+      f"max_prompt_len {max_prompt_len} + max_new_tokens {max_new_tokens} > block_size {sft['model_args']['block_size']}")
+policy, model_args = model_from_checkpoint(sft)
+ref_model, _ = model_from_checkpoint(sft)
+reward_model, _ = model_from_checkpoint(rm)
+value_model, value_args = model_from_checkpoint(rm)
+del sft, rm
+start_iter = 0
+if init_from == 'resume':
+    ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), stage='ppo', hint=f"nothing to resume in {out_dir}")
+    policy.load_state_dict(ckpt['model'])
+    value_model.load_state_dict(ckpt['value_model'])
+    start_iter, kl_coef = ckpt['step'], ckpt['kl_coef']
+for m in (policy, ref_model, reward_model, value_model):
+    m.to(device)
+for m in (ref_model, reward_model):
+    m.eval().requires_grad_(False)
+policy.train(), value_model.train()  # dropout is 0 in all four: train() changes nothing but intent
+params = [p for m in (policy, value_model) for p in m.parameters()]
+optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.95), weight_decay=weight_decay,
+                              eps=1e-5, fused=device_type == 'cuda')
+if init_from == 'resume':
+    optimizer.load_state_dict(ckpt['optimizer'])
+    restore_rng(ckpt)
+    del ckpt
+train_policy = torch.compile(policy) if compile else policy
+train_value = torch.compile(value_model) if compile else value_model
+if ddp:
+    ids = [int(device.split(':')[1])] if device_type == 'cuda' else None
+    train_policy, train_value = DDP(train_policy, device_ids=ids), DDP(train_value, device_ids=ids)
+enc = get_tokenizer(model_args['vocab_size'])
+judge = None
+if gold_judge == 'tinyhh':
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from data.tinyhh.world import score as judge
+
+# -----------------------------------------------------------------------------
+# data: prompts only; the responses come from the policy
+records = read_jsonl(prompt_file, 'rl')
+prompts = tokenize_prompts(records, enc, max_prompt_len, prompt_file)
+check(len(prompts) >= batch_size, f"{prompt_file}: {len(prompts)} prompts, fewer than one batch of {batch_size}")
+if master:
+    print(f"ppo: {len(prompts)} prompts, {batch_size} per iteration, {ppo_epochs} epochs of "
+          f"{batch_size // mini_batch_size} minibatches; kl_coef {kl_coef}{' (adaptive)' if adaptive_kl_ctl else ''}")
+
+
+def response_targets(seq, P, response_mask):
+    """Targets for seq[:, :-1]: the response tokens where they are real, -1 elsewhere (B, P+N-1)."""
+    targets = torch.full_like(seq[:, :-1], -1)
+    targets[:, P - 1:] = seq[:, P:].masked_fill(response_mask == 0, -1)
+    return targets
+
+
+def logprobs_of(model, seq, seq_mask, targets, P, with_entropy=False):
+    """Log-probs (B, N) of the response tokens under model at the sampling temperature."""
+    out, _ = model(seq[:, :-1], targets, seq_mask[:, :-1], temperature, with_entropy)
+    if with_entropy:
+        return out[0][:, P - 1:], out[1][:, P - 1:]
+    return out[:, P - 1:]
+
+
+def values_of(model, seq, seq_mask, P):
+    """V(s_t) for each response token t: the scalar head at the token before it (B, N)."""
+    return model(seq[:, :-1], attention_mask=seq_mask[:, :-1])[0][:, P - 1:]
+
+
+# -----------------------------------------------------------------------------
+# training loop
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+log = open(os.path.join(out_dir, 'log.jsonl'), 'a') if master else None
+t0 = time.time()
+bar = tqdm(range(start_iter, max_iters), initial=start_iter, total=max_iters, disable=not master, desc='ppo', mininterval=1.0)
+for it in bar:
+    # 1. rollout: this process's prompts, sampled with the KV cache
+    batch_ids = batch_indices(len(prompts), batch_size, it, seed, rank, world_size)
+    batch = [prompts[i] for i in batch_ids]
+    policy.eval()
+    with torch.no_grad(), ctx:
+        seq, seq_mask, sample_logprobs, response_mask = policy.generate(batch, max_new_tokens, enc.eot_token, temperature)
+    policy.train()
+    P = seq.size(1) - response_mask.size(1)  # prompt positions (left-padded)
+    response_mask = response_mask.float()
+    lengths = response_mask.sum(1).long()
+    ended = seq[torch.arange(len(batch)), P + lengths - 1] == enc.eot_token
+
+    # 2. score: reward model at the last real token, reference log-probs, values (no gradients)
+    targets = response_targets(seq, P, response_mask)
+    with torch.no_grad(), ctx:
+        rm_scores = reward_model(seq, attention_mask=seq_mask)[0][torch.arange(len(batch)), P + lengths - 1]
+        ref_logprobs = logprobs_of(ref_model, seq, seq_mask, targets, P)
+        old_values = values_of(value_model, seq, seq_mask, P) * response_mask
+        old_logprobs = sample_logprobs if rollout_logprobs else logprobs_of(policy, seq, seq_mask, targets, P)
+    scores = reward_scores(rm_scores.float(), ended, missing_eos_penalty)
+
+    # 3-4. per-token rewards, advantages, returns
+    rewards, kl = per_token_rewards(scores, old_logprobs, ref_logprobs, response_mask, kl_coef)
+    advantages, returns = gae(rewards, old_values, response_mask, gamma, lam)
+    advantages = whiten(advantages, response_mask, ddp)
+
+    # 5. PPO update: ppo_epochs passes over the rollout in minibatches
+    stats = {k: [] for k in ('pg_loss', 'vf_loss', 'pg_clipfrac', 'vf_clipfrac', 'approxkl', 'ratio', 'entropy')}
+    ratio_dev = None
+    mb_rows, micro_rows = mini_batch_size // world_size, micro_batch_size
+    for epoch in range(ppo_epochs):
+        order = torch.randperm(len(batch))
+        for start in range(0, len(batch), mb_rows):
+            mb = order[start:start + mb_rows]
+            for k in range(0, len(mb), micro_rows):
+                rows = mb[k:k + micro_rows]
+                if ddp:  # sync gradients only on the last micro-batch
+                    train_policy.require_backward_grad_sync = train_value.require_backward_grad_sync = k + micro_rows >= len(mb)
+                mask = response_mask[rows]
+                with ctx:
+                    new_logprobs, entropy = logprobs_of(train_policy, seq[rows], seq_mask[rows], targets[rows], P, True)
+                    new_values = values_of(train_value, seq[rows], seq_mask[rows], P)
+                pg_loss, pg_clipfrac, approxkl, ratio = ppo_policy_loss(new_logprobs, old_logprobs[rows], advantages[rows], mask, cliprange)
+                vf_loss, vf_clipfrac = ppo_value_loss(new_values.float(), old_values[rows], returns[rows], mask, cliprange_value)
+                loss = (pg_loss + vf_coef * vf_loss) * len(rows) / len(mb)
+                loss.backward()
+                if ratio_dev is None:  # the first minibatch of the first epoch: pi == pi_old exactly
+                    ratio_dev = ((ratio - 1).abs() * mask).max().item()
+                for key, v in zip(stats, (pg_loss, vf_loss, pg_clipfrac, vf_clipfrac, approxkl,
+                                          masked_mean(ratio, mask), masked_mean(entropy, mask))):
+                    stats[key].append(v.detach())
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
+            if check_finite(loss.item(), grad_norm, it, os.path.join(out_dir, 'ckpt.pt'), skip_nonfinite):
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    # 6. the KL coefficient, and the iteration's statistics (averaged over all processes)
+    kl_seq = kl.sum(1)  # summed over the response: KL(pi || pi_ref) of whole sequences
+    var_returns = returns[response_mask.bool()].var()
+    explained_var = 1 - (returns - old_values)[response_mask.bool()].var() / var_returns.clamp(min=1e-8)
+    gold = torch.zeros(len(batch))
+    if judge is not None:
+        texts = [decode_response(enc, seq[i, P:P + lengths[i]].tolist()) for i in range(len(batch))]
+        gold = torch.tensor([judge(records[i]['prompt'], t, e) for i, t, e in zip(batch_ids, texts, ended.tolist())])
+    row = {'score': scores.mean(), 'rlhf_reward': (scores - kl_coef * kl_seq).mean(), 'kl': kl_seq.mean(),
+           'gold': gold.mean(), 'response_length': lengths.float().mean(), 'ended': ended.float().mean(),
+           'explained_variance': explained_var, **{k: torch.stack(v).mean() for k, v in stats.items()}}
+    row = {k: all_reduce_mean(torch.as_tensor(v, dtype=torch.float32, device=device), ddp).item() for k, v in row.items()}
+    if adaptive_kl_ctl:
+        kl_coef = adaptive_kl(kl_coef, row['kl'], target_kl, kl_horizon, batch_size)
+    if master:
+        row.update(iter=it, kl_coef=kl_coef, **{'check/ratio_dev': ratio_dev})
+        log.write(json.dumps(row) + '\n')
+        log.flush()
+        bar.set_postfix(score=f"{row['score']:.3f}", kl=f"{row['kl']:.2f}", gold=f"{row['gold']:.3f}")
+        if it % sample_interval == 0 or it == max_iters - 1:
+            tqdm.write(f"iter {it}: score {row['score']:.3f} kl {row['kl']:.3f} gold {row['gold']:.3f} "
+                       f"len {row['response_length']:.1f} ended {row['ended']:.2f} clipfrac {row['pg_clipfrac']:.3f} "
+                       f"approxkl {row['approxkl']:.4f} entropy {row['entropy']:.3f} vf_loss {row['vf_loss']:.4f} "
+                       f"explained_var {row['explained_variance']:.3f}")
+            for i in range(2):
+                tqdm.write(f"  {enc.decode(batch[i]).strip()!r} -> {decode_response(enc, seq[i, P:].tolist())!r}")
+        if (it + 1) % ckpt_interval == 0 or it == max_iters - 1:
+            save_checkpoint(os.path.join(out_dir, 'ckpt.pt'), policy, optimizer, model_args, config, 'ppo', it + 1,
+                            value_model=value_model.state_dict(), value_model_args=value_args, kl_coef=kl_coef)
+
+if master:
+    print(f"done: {max_iters} iterations in {time.time() - t0:.0f} s; last score {row['score']:.3f}, kl {row['kl']:.3f}, "
+          f"gold {row['gold']:.3f}, ended {row['ended']:.2f}; policy in {out_dir}/ckpt.pt")
+    log.close()
+if ddp:
+    torch.distributed.destroy_process_group()
