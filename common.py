@@ -126,8 +126,12 @@ def save_checkpoint(path, model, optimizer, model_args, config, stage, step, **e
                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], **extra)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)  # atomic on POSIX and Windows
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)  # atomic on POSIX and Windows
+    finally:
+        if os.path.exists(tmp):  # a failed save (a full disk, say) leaves no stray file
+            os.remove(tmp)
 
 
 def load_checkpoint(path, stage=None, hint=''):
@@ -139,6 +143,16 @@ def load_checkpoint(path, stage=None, hint=''):
     if stage is not None and ckpt.get('stage') not in ((stage,) if isinstance(stage, str) else stage):
         raise ValueError(f"{path} is a checkpoint of stage {ckpt.get('stage')!r}, expected {stage!r}")
     return ckpt
+
+
+def require_checkpoint(path, stage, hint=''):
+    """load_checkpoint at a script's start-up: a missing file or a checkpoint of another stage is a
+    bad setting like any other, so the script ends with 'config error: ...', exit code 2, no traceback."""
+    from configurator import check
+    try:
+        return load_checkpoint(path, stage, hint)
+    except (FileNotFoundError, ValueError) as e:
+        check(False, str(e))
 
 
 def restore_rng(ckpt):

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The whole RLHF pipeline on the built-in world (data/tinyhh), on a CPU, each stage a plain call
+# of its own script:  prepare -> SFT -> reward model -> PPO -> DPO -> evaluate.
+#
+#   bash run.sh            # reuses the stages that already finished
+#   bash run.sh --fresh    # starts over (deletes out/)
+#
+# Any extra --key=value arguments go to every training script (e.g. --device=cuda).
+set -euo pipefail
+cd "$(dirname "$0")"
+if [ "${1:-}" = "--fresh" ]; then rm -rf out; shift; fi
+start=$(date +%s)
+
+[ -f data/tinyhh/meta.json ] || python data/tinyhh/prepare.py
+
+# stage NAME SCRIPT ARGS...: run SCRIPT unless out/NAME/DONE exists; resume an interrupted run
+stage() {
+    local name=$1 script=$2; shift 2
+    if [ -f "out/$name/DONE" ]; then echo "== $name: done already (out/$name), skipping"; return; fi
+    local resume=()
+    if [ -f "out/$name/ckpt.pt" ]; then resume=(--init_from=resume); fi
+    echo "== $name: python $script $* ${resume[*]}"
+    python "$script" "$@" "${resume[@]}"
+    touch "out/$name/DONE"
+}
+
+stage sft train_sft.py "$@"
+stage rm  train_reward_model.py "$@"
+stage ppo train_ppo.py "$@"
+stage dpo train_dpo.py "$@"
+python eval.py --out_json=out/eval.json
+echo "== pipeline finished in $(( $(date +%s) - start )) s"

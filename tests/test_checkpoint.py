@@ -1,0 +1,252 @@
+"""
+Checkpoint I/O of common.py: a full round trip, the refusals (wrong stage, missing file,
+non-finite weights), atomic writes (a failed rename and a real SIGKILL mid-save leave the
+previous checkpoint loadable), unwrapped state dicts; and the learning-rate schedule.
+"""
+import hashlib
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+from common import get_lr, load_checkpoint, model_from_checkpoint, restore_rng, save_checkpoint, unwrap
+from model import GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = GPTConfig(block_size=64, vocab_size=101, n_layer=2, n_head=2, n_embd=32)
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    # tiny models gain nothing from threads, and on a busy 2-core machine they lose a lot
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def trained_tiny(seed=0, steps=2):
+    """A tiny GPT and its AdamW after a few steps, so the optimizer has state to save."""
+    torch.manual_seed(seed)
+    model = GPT(TINY)
+    optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu')
+    for _ in range(steps):
+        train_step(model, optimizer)
+    return model, optimizer
+
+
+def train_step(model, optimizer, seed=123):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, TINY.vocab_size, (2, 16), generator=g)
+    _, loss = model(idx[:, :-1], idx[:, 1:])
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def leftovers(path):
+    return sorted(p.name for p in Path(path).parent.iterdir() if p.name != Path(path).name)
+
+
+def test_round_trip(tmp_path):
+    model, optimizer = trained_tiny()
+    path = tmp_path / 'run' / 'ckpt.pt'  # the directory is created
+    config = {'learning_rate': 1e-2, 'out_dir': str(tmp_path / 'run'), 'init_from': 'scratch', 'betas': (0.9, 0.95)}
+    rng = torch.get_rng_state()
+    save_checkpoint(str(path), model, optimizer, asdict(TINY), config, 'sft', 7, best_val_loss=1.25)
+    after_save = torch.rand(4)  # the draws a resumed run must repeat
+    assert leftovers(path) == []  # no temporary file left behind
+
+    ckpt = load_checkpoint(str(path), stage='sft')
+    assert ckpt['step'] == 7 and ckpt['stage'] == 'sft' and ckpt['config'] == config
+    assert ckpt['model_args'] == asdict(TINY) and ckpt['best_val_loss'] == 1.25
+    assert torch.equal(ckpt['rng'], rng)
+    assert load_checkpoint(str(path), stage=('rm', 'sft'))['step'] == 7
+
+    # weights
+    restored = GPT(GPTConfig(**ckpt['model_args']))
+    restored.load_state_dict(ckpt['model'])
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), restored.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+    assert restored.lm_head.weight is restored.transformer.wte.weight  # still tied
+    # optimizer: the same moments, and the next step lands on the same weights
+    restored_opt = restored.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu')
+    restored_opt.load_state_dict(ckpt['optimizer'])
+    states = list(optimizer.state.values())
+    assert len(states) > 0 and len(states) == len(restored_opt.state)
+    for s, s2 in zip(states, restored_opt.state.values()):
+        assert s.keys() == s2.keys() and all(torch.equal(s[k], s2[k]) for k in s)
+    train_step(model, optimizer, seed=9)
+    train_step(restored, restored_opt, seed=9)
+    for v, v2 in zip(model.state_dict().values(), restored.state_dict().values()):
+        assert torch.equal(v, v2)
+    # rng
+    restore_rng(ckpt)
+    assert torch.equal(torch.rand(4), after_save)
+
+
+def test_model_from_checkpoint(tmp_path):
+    model, _ = trained_tiny()
+    path = str(tmp_path / 'ckpt.pt')
+    save_checkpoint(path, model, None, asdict(TINY), {}, 'sft', 1)
+    ckpt = load_checkpoint(path, stage='sft')
+    assert ckpt['optimizer'] is None
+    idx = torch.randint(0, TINY.vocab_size, (2, 10))
+    lm, args = model_from_checkpoint(ckpt)
+    assert args['scalar_head'] is False
+    with torch.no_grad():
+        assert torch.equal(lm.eval()(idx)[0], model.eval()(idx)[0])
+    rm, args = model_from_checkpoint(ckpt, scalar_head=True)  # a reward model starts from the SFT model
+    assert args['scalar_head'] is True
+    with torch.no_grad():
+        assert torch.equal(rm.eval().scores(idx), torch.zeros(2, 10))
+
+
+def test_wrong_stage_is_refused(tmp_path):
+    model, _ = trained_tiny(steps=0)
+    path = str(tmp_path / 'ckpt.pt')
+    save_checkpoint(path, model, None, asdict(TINY), {}, 'rm', 3)
+    with pytest.raises(ValueError, match=r"stage 'rm', expected 'sft'"):
+        load_checkpoint(path, stage='sft')
+    with pytest.raises(ValueError, match='stage'):
+        load_checkpoint(path, stage=('sft', 'ppo'))
+    assert load_checkpoint(path)['stage'] == 'rm'  # no stage: no check
+
+
+def test_missing_file_names_file_and_hint(tmp_path):
+    path = str(tmp_path / 'out' / 'sft' / 'ckpt.pt')
+    with pytest.raises(FileNotFoundError) as err:
+        load_checkpoint(path, stage='sft', hint='run train_sft.py first')
+    assert path in str(err.value) and 'run train_sft.py first' in str(err.value)
+
+
+def test_non_finite_weights_are_not_saved(tmp_path):
+    model, optimizer = trained_tiny()
+    path = str(tmp_path / 'ckpt.pt')
+    save_checkpoint(path, model, optimizer, asdict(TINY), {}, 'sft', 1)
+    before = sha256(path)
+    for bad in (float('nan'), float('inf')):
+        with torch.no_grad():
+            model.transformer.h[1].mlp.c_fc.weight[3, 5] = bad
+        with pytest.raises(FloatingPointError, match='non-finite.*h.1.mlp.c_fc.weight'):
+            save_checkpoint(path, model, optimizer, asdict(TINY), {}, 'sft', 2)
+        assert sha256(path) == before and leftovers(path) == []
+    assert load_checkpoint(path, stage='sft')['step'] == 1
+
+
+def test_crash_before_rename_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    model, optimizer = trained_tiny()
+    path = str(tmp_path / 'ckpt.pt')
+    save_checkpoint(path, model, optimizer, asdict(TINY), {}, 'sft', 1)
+    before = sha256(path)
+    train_step(model, optimizer)
+
+    def crash(src, dst):
+        raise OSError('simulated crash between the temporary write and the rename')
+    monkeypatch.setattr(common.os, 'replace', crash)
+    with pytest.raises(OSError, match='simulated crash'):
+        save_checkpoint(path, model, optimizer, asdict(TINY), {}, 'sft', 2)
+    monkeypatch.undo()
+    assert sha256(path) == before
+    ckpt = load_checkpoint(path, stage='sft')
+    assert ckpt['step'] == 1
+    assert not torch.equal(ckpt['model']['lm_head.weight'], model.lm_head.weight.detach())  # the old weights
+
+
+KILL_CHILD = """
+import sys, time, torch
+sys.path.insert(0, {root!r})
+from common import save_checkpoint
+torch.set_num_threads(1)
+model = torch.nn.Linear(4096, 2048)  # 8.4M floats: a 34 MB checkpoint
+for step in range(1, 10**6):
+    with torch.no_grad():
+        model.weight.fill_(step)
+        model.bias.fill_(step)
+    t0 = time.time()
+    save_checkpoint({path!r}, model, None, {{}}, {{'note': 'x' * 1000}}, 'sft', step)
+    print(step, time.time() - t0, flush=True)
+"""
+
+
+def test_sigkill_mid_save_leaves_a_loadable_checkpoint(tmp_path):
+    path = tmp_path / 'ckpt.pt'
+    script = tmp_path / 'saver.py'
+    script.write_text(KILL_CHILD.format(root=str(ROOT), path=str(path)))
+    rng = random.Random(os.getpid())
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        step, seconds = proc.stdout.readline().split()  # one complete checkpoint exists
+        assert step == '1'
+        # wait for the next save's temporary file to appear, then kill at a random moment of it
+        # (save_checkpoint writes it beside the checkpoint, under any name)
+        deadline = time.time() + 20
+        while not [p for p in tmp_path.iterdir() if p.name not in ('ckpt.pt', 'saver.py')]:
+            assert time.time() < deadline and proc.poll() is None, 'no temporary file seen'
+            time.sleep(0.0005)
+        time.sleep(rng.uniform(0, 0.8 * float(seconds)))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    ckpt = load_checkpoint(str(path), stage='sft')
+    step = ckpt['step']
+    assert step >= 1
+    assert torch.equal(ckpt['model']['weight'], torch.full((2048, 4096), float(step)))
+    assert torch.equal(ckpt['model']['bias'], torch.full((2048,), float(step)))
+
+
+class DDPLike(torch.nn.Module):
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+class CompiledLike(torch.nn.Module):
+    def __init__(self, module):
+        super().__init__()
+        self._orig_mod = module
+
+
+@pytest.mark.parametrize('wrap', [DDPLike, CompiledLike, lambda m: DDPLike(CompiledLike(m))])
+def test_wrapped_models_are_saved_unwrapped(tmp_path, wrap):
+    model, _ = trained_tiny(steps=0)
+    wrapped = wrap(model)
+    assert any('module.' in k or '_orig_mod.' in k for k in wrapped.state_dict())
+    assert unwrap(wrapped) is model
+    path = str(tmp_path / 'ckpt.pt')
+    save_checkpoint(path, wrapped, None, asdict(TINY), {}, 'sft', 1)
+    saved = load_checkpoint(path)['model']
+    assert list(saved) == list(model.state_dict())
+    restored = GPT(TINY)
+    restored.load_state_dict(saved)  # strict: every key matches
+
+
+def test_lr_schedule():
+    lr, warmup, max_steps = 1.0, 10, 110
+    f = lambda step: get_lr(step, lr, warmup, max_steps, min_lr_ratio=0.1)
+    # linear warmup, reaching the peak at the last warmup step
+    assert [f(s) for s in range(warmup)] == pytest.approx([(s + 1) / 10 for s in range(warmup)])
+    # cosine from the peak down to min_lr_ratio * lr at max_steps, and flat after it
+    assert f(10) == pytest.approx(1.0)
+    assert f(35) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.25)))
+    assert f(60) == pytest.approx(0.55)
+    assert f(85) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.75)))
+    assert f(110) == pytest.approx(0.1)
+    assert f(500) == pytest.approx(0.1)
+    decay = [f(s) for s in range(warmup, max_steps + 1)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    assert get_lr(50, 3e-4, 0, 100, min_lr_ratio=0.0) == pytest.approx(1.5e-4)

@@ -1,0 +1,421 @@
+"""
+model.py on tiny random models, CPU only: GPT-2 weight parity with Hugging Face, the KV-cache
+sampler against a naive loop, sampling log-probs against token_logprobs, padding invariance,
+and the fused log-prob head against plain autograd.
+"""
+import copy
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as model_module
+from model import GPT, GPTConfig, filter_logits
+
+TINY = dict(block_size=64, vocab_size=101, n_layer=2, n_head=2, n_embd=32)
+V = TINY['vocab_size']
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    # tiny models gain nothing from threads, and on a busy 2-core machine they lose a lot
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_gpt(seed=0, **overrides):
+    """A tiny GPT in eval mode. Noise on top of GPT-2's init (std 0.02) makes the logits far from
+    uniform, so greedy argmaxes have clear gaps and biases, LayerNorm gains and the (zero-initialised)
+    scalar head all matter."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**TINY, **overrides}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+def random_prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, V, (n,), generator=g).tolist() for n in lengths]
+
+# -----------------------------------------------------------------------------
+# loading GPT-2 weights: parity with Hugging Face's GPT2LMHeadModel
+
+
+@pytest.fixture(scope='module')
+def hf_gpt2(tmp_path_factory):
+    """A random HF GPT-2 saved three ways: model.safetensors (save_pretrained), pytorch_model.bin
+    of GPT2LMHeadModel ('transformer.h.0...') and of GPT2Model ('h.0...', no lm_head)."""
+    with pytest.MonkeyPatch.context() as mp:  # belt and braces: nothing here may reach the hub
+        mp.setenv('HF_HUB_OFFLINE', '1')
+        mp.setenv('TRANSFORMERS_OFFLINE', '1')
+        return _save_hf_gpt2(tmp_path_factory)
+
+
+def _save_hf_gpt2(tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=V, n_positions=64,
+                                    resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
+                                    bos_token_id=V - 1, eos_token_id=V - 1))
+    with torch.no_grad():  # HF initialises biases to 0 and LayerNorms to 1: make every weight count
+        for p in hf.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    hf.eval()
+    dirs = {name: tmp_path_factory.mktemp(name) for name in ('safetensors', 'bin', 'bin_gpt2model')}
+    hf.save_pretrained(dirs['safetensors'])
+    assert (dirs['safetensors'] / 'model.safetensors').exists()
+    sd = {k: v.clone() for k, v in hf.state_dict().items()}
+    hf.save_pretrained(dirs['bin'], safe_serialization=False)
+    if not (dirs['bin'] / 'pytorch_model.bin').exists():
+        # transformers 5 dropped safe_serialization=False (it ignores the kwarg and writes
+        # safetensors): write the .bin as transformers 4 did, a torch.save of the state dict
+        (dirs['bin'] / 'model.safetensors').unlink()
+        torch.save(sd, dirs['bin'] / 'pytorch_model.bin')
+    assert sorted(f.name for f in dirs['bin'].glob('*.*') if 'model' in f.name) == ['pytorch_model.bin']
+    shutil.copy(dirs['safetensors'] / 'config.json', dirs['bin_gpt2model'] / 'config.json')
+    torch.save({k.removeprefix('transformer.'): v for k, v in sd.items() if k != 'lm_head.weight'},
+               dirs['bin_gpt2model'] / 'pytorch_model.bin')
+    return hf, dirs
+
+
+@pytest.mark.parametrize('variant', ['safetensors', 'bin', 'bin_gpt2model'])
+def test_from_pretrained_matches_hf_gpt2(hf_gpt2, variant):
+    hf, dirs = hf_gpt2
+    ours = GPT.from_pretrained(str(dirs[variant])).eval()
+    assert ours.config.block_size == 64 and ours.config.n_layer == 2 and ours.config.vocab_size == V
+    idx = torch.randint(0, V, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        logits, _ = ours(idx)
+    assert expected.abs().max() > 0.1  # not a degenerate comparison
+    assert (logits - expected).abs().max().item() < 1e-4
+
+
+def test_from_pretrained_scalar_head_keeps_lm_weights(hf_gpt2):
+    hf, dirs = hf_gpt2
+    ours = GPT.from_pretrained(str(dirs['safetensors']), scalar_head=True).eval()
+    idx = torch.randint(0, V, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = ours.lm_head(ours.hidden_states(idx))  # a scalar-head model's forward gives scores
+        assert (logits - hf(idx).logits).abs().max().item() < 1e-4
+        assert torch.equal(ours.scores(idx), torch.zeros(2, 10))  # zero-initialised head
+        assert torch.equal(ours(idx)[0], torch.zeros(2, 10))
+
+
+def test_from_pretrained_gpt2_offline_says_what_to_do(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise OSError('network is unreachable')
+    monkeypatch.setattr(model_module.urllib.request, 'urlretrieve', no_network)
+    monkeypatch.setenv('GPT2_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.chdir(tmp_path)  # so no ./gpt2 directory is taken for a local checkpoint
+    with pytest.raises(RuntimeError) as err:
+        GPT.from_pretrained('gpt2')
+    msg = str(err.value)
+    assert 'offline' in msg and 'directory' in msg
+    assert 'model.safetensors' in msg and 'config.json' in msg
+    assert str(tmp_path / 'cache' / 'gpt2') in msg  # where to put the files
+    assert not os.path.exists(tmp_path / 'cache' / 'gpt2' / 'config.json')
+
+
+def test_from_pretrained_gpt2_uses_cache_without_network(hf_gpt2, tmp_path, monkeypatch):
+    hf, dirs = hf_gpt2
+    def no_network(*args, **kwargs):
+        raise AssertionError('no download expected: the files are cached')
+    monkeypatch.setattr(model_module.urllib.request, 'urlretrieve', no_network)
+    monkeypatch.setenv('GPT2_CACHE', str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(dirs['safetensors'], tmp_path / 'gpt2')
+    ours = GPT.from_pretrained('gpt2').eval()
+    idx = torch.arange(20)[None]
+    with torch.no_grad():
+        assert (ours(idx)[0] - hf(idx).logits).abs().max().item() < 1e-4
+
+
+def test_from_pretrained_unknown_name():
+    with pytest.raises(ValueError, match='unknown model'):
+        GPT.from_pretrained('gpt3-not-a-directory')
+
+
+def test_from_pretrained_rejects_non_gpt2_weights(hf_gpt2, tmp_path):
+    hf, dirs = hf_gpt2
+    shutil.copy(dirs['safetensors'] / 'config.json', tmp_path / 'config.json')
+    with pytest.raises(FileNotFoundError, match='neither model.safetensors nor pytorch_model.bin'):
+        GPT.from_pretrained(str(tmp_path))
+    # another architecture's state dict
+    torch.save({'encoder.layer.0.weight': torch.zeros(4, 4), 'embeddings.weight': torch.zeros(V, 32)},
+               tmp_path / 'pytorch_model.bin')
+    with pytest.raises(ValueError, match='not a GPT-2 checkpoint'):
+        GPT.from_pretrained(str(tmp_path))
+    # GPT-2 names, but a config.json that does not describe them
+    shutil.copy(dirs['bin'] / 'pytorch_model.bin', tmp_path / 'pytorch_model.bin')
+    config = json.loads((tmp_path / 'config.json').read_text())
+    (tmp_path / 'config.json').write_text(json.dumps({**config, 'n_positions': 32}))
+    with pytest.raises(ValueError, match='wpe.weight has shape'):
+        GPT.from_pretrained(str(tmp_path))
+
+# -----------------------------------------------------------------------------
+# sampling with the KV cache
+
+
+def naive_greedy(model, prompt, max_new_tokens, eos_id):
+    """Full forward of the unpadded sequence for every new token: (tokens, log-probs at T=1)."""
+    seq, tokens, logprobs = list(prompt), [], []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(torch.tensor([seq]))[0][0, -1]
+            token = int(logits.argmax())
+            tokens.append(token)
+            logprobs.append(torch.log_softmax(logits, -1)[token].item())
+            seq.append(token)
+            if token == eos_id:
+                break
+    return tokens, logprobs
+
+
+def test_cached_greedy_generation_equals_naive_loop():
+    model = tiny_gpt()
+    prompts = random_prompts([3, 9, 1, 14, 6])
+    max_new = 12
+    # eos: a token that ends some rows early but not all, so both paths are exercised
+    free_runs = [naive_greedy(model, p, max_new, eos_id=-1)[0] for p in prompts]
+    candidates = [t for t in range(V) if 0 < sum(t in run[:-1] for run in free_runs) < len(prompts)]
+    eos_id = candidates[0]
+    expected = [naive_greedy(model, p, max_new, eos_id) for p in prompts]
+    assert any(len(toks) < max_new for toks, _ in expected) and any(len(toks) == max_new for toks, _ in expected)
+
+    seq, seq_mask, logprobs, response_mask = model.generate(prompts, max_new, eos_id, temperature=0)
+    P = max(len(p) for p in prompts)
+    N = max(len(toks) for toks, _ in expected)
+    assert seq.shape == seq_mask.shape == (len(prompts), P + N) and logprobs.shape == response_mask.shape == (len(prompts), N)
+    for i, (p, (toks, lps)) in enumerate(zip(prompts, expected)):
+        assert seq_mask[i, :P].tolist() == [0] * (P - len(p)) + [1] * len(p)
+        assert seq[i, P - len(p):P].tolist() == p
+        assert seq[i, P:P + len(toks)].tolist() == toks
+        assert response_mask[i].tolist() == [1] * len(toks) + [0] * (N - len(toks))
+        assert seq_mask[i, P:].tolist() == response_mask[i].tolist()
+        assert (seq[i, P + len(toks):] == eos_id).all()
+        torch.testing.assert_close(logprobs[i, :len(toks)], torch.tensor(lps), atol=1e-4, rtol=0)
+        assert (logprobs[i, len(toks):] == 0).all()
+
+
+def sample(model, temperature, seed=0, max_new=20, **kw):
+    prompts = random_prompts([2, 7, 4, 11, 1, 5, 9, 3] * 4)
+    g = torch.Generator().manual_seed(seed)
+    return prompts, model.generate(prompts, max_new, eos_id=7, temperature=temperature, generator=g, **kw)
+
+
+@pytest.mark.parametrize('temperature, filters', [(0.7, {}), (1.0, {}), (0.7, dict(top_k=10, top_p=0.9))])
+def test_sampled_logprobs_equal_recomputed(temperature, filters):
+    # the log-probs are those of softmax(logits / temperature), before top-k / top-p filtering
+    model = tiny_gpt()
+    prompts, (seq, seq_mask, logprobs, response_mask) = sample(model, temperature, **filters)
+    P, N = max(len(p) for p in prompts), logprobs.size(1)
+    # the token at P + t is predicted at position P + t - 1
+    targets = torch.full_like(seq, -1)
+    targets[:, P - 1:P - 1 + N] = seq[:, P:].masked_fill(response_mask == 0, -1)
+    with torch.no_grad():
+        recomputed = model.token_logprobs(seq, targets, attention_mask=seq_mask, temperature=temperature)
+    on = response_mask.bool()
+    assert on.sum() > 100
+    assert (recomputed[:, P - 1:P - 1 + N][on] - logprobs[on]).abs().max().item() < 1e-4
+    assert (logprobs[~on] == 0).all()
+    # the temperature matters, so the comparison above can fail
+    with torch.no_grad():
+        other = model.token_logprobs(seq, targets, attention_mask=seq_mask, temperature=temperature + 0.5)
+    assert (other[:, P - 1:P - 1 + N][on] - logprobs[on]).abs().max().item() > 1e-2
+
+
+def test_response_mask_stops_at_first_eos():
+    model = tiny_gpt()
+    max_new, eos_id = 20, 7
+    prompts, (seq, seq_mask, logprobs, response_mask) = sample(model, 1.0, max_new=max_new)
+    P = max(len(p) for p in prompts)
+    n_stopped = 0
+    for i, p in enumerate(prompts):
+        response = seq[i, P:].tolist()
+        assert seq_mask[i, :P].tolist() == [0] * (P - len(p)) + [1] * len(p)
+        assert seq_mask[i, P:].tolist() == response_mask[i].tolist()
+        if eos_id in response:
+            n = response.index(eos_id) + 1  # the eos is part of the response
+            n_stopped += 1
+        else:
+            n = max_new
+            assert len(response) == max_new  # a row that never stops gets every token
+        assert response_mask[i].tolist() == [1] * n + [0] * (len(response) - n)
+        assert all(t == eos_id for t in response[n:])
+    assert 0 < n_stopped < len(prompts)  # both kinds of rows occur
+
+
+def test_generation_stops_when_every_row_has_eos():
+    model = tiny_gpt()
+    prompt = random_prompts([4])[0]
+    first = naive_greedy(model, prompt, 1, -1)[0][0]
+    seq, seq_mask, logprobs, response_mask = model.generate([prompt] * 3, 10, eos_id=first, temperature=0)
+    assert seq.shape == (3, 5) and logprobs.shape == (3, 1)  # no steps after every row ended
+    assert seq[:, -1].tolist() == [first] * 3 and response_mask.tolist() == [[1]] * 3
+
+
+def test_top_k_1_and_tiny_top_p_sample_greedily():
+    model = tiny_gpt()
+    _, greedy = sample(model, 0)
+    for kw in (dict(top_k=1), dict(top_p=1e-6)):
+        _, sampled = sample(model, 0.7, seed=3, **kw)
+        for a, b in zip(greedy[:2] + greedy[3:], sampled[:2] + sampled[3:]):  # seq, seq_mask, response_mask
+            assert torch.equal(a, b)
+    _, free = sample(model, 0.7, seed=3)  # without filtering the same seed does not give greedy
+    assert not torch.equal(free[0], greedy[0])
+
+
+def test_filter_logits_top_p_hand_example():
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3],
+                          [0.3, 0.05, 0.5, 0.15]])
+    logits = probs.log()
+    kept = lambda out: [torch.isfinite(row).nonzero().flatten().tolist() for row in out]
+    assert kept(filter_logits(logits, top_p=0.4)) == [[1], [2]]
+    assert kept(filter_logits(logits, top_p=0.75)) == [[1, 3], [0, 2]]  # 0.5 < 0.75 <= 0.5 + 0.3
+    assert kept(filter_logits(logits, top_p=0.9)) == [[0, 1, 3], [0, 2, 3]]
+    assert kept(filter_logits(logits, top_p=0.99)) == [[0, 1, 2, 3], [0, 1, 2, 3]]
+    assert kept(filter_logits(logits, top_k=2)) == [[1, 3], [0, 2]]
+    assert kept(filter_logits(logits, top_k=3, top_p=0.6)) == [[1, 3], [0, 2]]
+    out = filter_logits(logits, top_p=0.75)
+    assert torch.equal(out[torch.isfinite(out)], logits[torch.isfinite(out)])  # kept logits unchanged
+    assert torch.equal(filter_logits(logits), logits)
+
+# -----------------------------------------------------------------------------
+# padded batches
+
+
+def test_padding_invariance_of_logits_and_scores():
+    model, rm = tiny_gpt(), tiny_gpt(seed=1, scalar_head=True)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(0, V, (10,), generator=g)
+    pads = torch.randint(0, V, (6,), generator=g)  # random pad tokens: only the mask may hide them
+    with torch.no_grad():
+        ref_logits, ref_scores = model(x[None])[0][0], rm.scores(x[None])[0]
+        batch = torch.stack([torch.cat([pads, x]), torch.cat([x, pads])])
+        mask = torch.tensor([[0] * 6 + [1] * 10, [1] * 10 + [0] * 6])
+        logits, scores = model(batch, attention_mask=mask)[0], rm.scores(batch, attention_mask=mask)
+        assert torch.equal(scores, rm(batch, attention_mask=mask)[0])  # forward of a scalar-head model
+        assert torch.isfinite(logits).all() and torch.isfinite(scores).all()
+        assert (logits[0, 6:] - ref_logits).abs().max().item() < 1e-5  # left padded
+        assert (logits[1, :10] - ref_logits).abs().max().item() < 1e-5  # right padded
+        assert (scores[0, 6:] - ref_scores).abs().max().item() < 1e-5
+        assert (scores[1, :10] - ref_scores).abs().max().item() < 1e-5
+        # right padding needs no mask: causality hides the pads that follow
+        assert (model(batch[1:])[0][0, :10] - ref_logits).abs().max().item() < 1e-5
+        assert (rm.scores(batch[1:])[0, :10] - ref_scores).abs().max().item() < 1e-5
+        # without the mask the left-padded row is a different sequence: the check above can fail
+        assert (model(batch[:1])[0][0, 6:] - ref_logits).abs().max().item() > 1e-2
+        assert ref_scores.abs().max() > 0.1
+
+
+def test_reward_at_last_token_ignores_padding():
+    model = tiny_gpt(scalar_head=True)
+    rows = random_prompts([5, 12, 1, 8], seed=6)
+    with torch.no_grad():
+        expected = torch.stack([model.scores(torch.tensor([r]))[0, -1] for r in rows])
+        for extra in (0, 3, 20):
+            T = max(len(r) for r in rows) + extra
+            idx = torch.tensor([r + [V - 1 - j for j in range(T - len(r))] for r in rows])
+            mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
+            lengths = mask.sum(1)
+            rewards = model.scores(idx, attention_mask=mask).gather(1, (lengths - 1)[:, None]).squeeze(1)
+            assert (rewards - expected).abs().max().item() < 1e-5
+    assert expected.std() > 1e-2
+
+# -----------------------------------------------------------------------------
+# the fused log-prob head
+
+
+def batch_with_ignored_targets(seed=0, B=3, T=16):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, V, (B, T), generator=g)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    targets[torch.rand(B, T, generator=g) < 0.3] = -1
+    targets[:, :2] = -1  # a prompt
+    return idx, targets
+
+
+def assert_same_grads(a, b, atol=1e-6):
+    grads = 0
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert p.grad is not None and q.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, atol=atol, rtol=0, msg=name)
+        grads += p.grad.abs().sum().item()
+    assert grads > 1e-3
+
+
+def test_fused_loss_and_grads_equal_cross_entropy():
+    model = tiny_gpt()
+    ref = copy.deepcopy(model)
+    idx, targets = batch_with_ignored_targets()
+    logprobs, loss = model(idx, targets)
+    loss.backward()
+    ref_logits, _ = ref(idx)
+    ref_loss = F.cross_entropy(ref_logits.view(-1, V), targets.view(-1), ignore_index=-1)
+    ref_loss.backward()
+    assert abs(loss.item() - ref_loss.item()) < 1e-5
+    keep = targets >= 0
+    ref_logprobs = -F.cross_entropy(ref_logits.transpose(1, 2), targets, ignore_index=-1, reduction='none')
+    torch.testing.assert_close(logprobs, ref_logprobs.detach() * keep, atol=1e-5, rtol=0)
+    assert_same_grads(model, ref)
+
+
+def test_fused_logprobs_with_temperature_and_entropy():
+    T = 0.7
+    model = tiny_gpt()
+    ref = copy.deepcopy(model)
+    idx, targets = batch_with_ignored_targets(seed=1)
+    keep = targets >= 0
+    logp, entropy = model.token_logprobs(idx, targets, temperature=T, with_entropy=True)
+    log_softmax = torch.log_softmax(ref(idx)[0] / T, dim=-1)
+    ref_logp = log_softmax.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * keep
+    ref_entropy = -(log_softmax.exp() * log_softmax).sum(-1) * keep
+    torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy, ref_entropy.detach(), atol=1e-5, rtol=0)
+    assert (logp[~keep] == 0).all() and (entropy[~keep] == 0).all()
+    with torch.no_grad():  # the same through forward
+        (logp2, entropy2), loss = model(idx, targets, temperature=T, with_entropy=True)
+    assert torch.equal(logp2, logp.detach()) and torch.equal(entropy2, entropy)
+    torch.testing.assert_close(loss, -ref_logp[keep].mean().detach(), atol=1e-5, rtol=0)
+    # gradients through the temperature
+    w = torch.randn(targets.shape, generator=torch.Generator().manual_seed(2)) / keep.sum()  # like a mean
+    (logp * w).sum().backward()
+    (ref_logp * w).sum().backward()
+    assert_same_grads(model, ref)
+
+
+def test_ignored_targets_change_nothing_else():
+    model = tiny_gpt()
+    idx, targets = batch_with_ignored_targets(seed=3)
+    targets[0, 5], targets[2, 9], targets[1, -1] = 4, 50, 99
+    more_ignored = targets.clone()
+    more_ignored[0, 5] = more_ignored[2, 9] = more_ignored[1, -1] = -1
+    with torch.no_grad():
+        a = model.token_logprobs(idx, targets)
+        b = model.token_logprobs(idx, more_ignored)
+    keep = more_ignored >= 0
+    assert torch.equal(a[keep], b[keep]) and (b[~keep] == 0).all()
+    assert (a[0, 5] < 0) and (a[2, 9] < 0) and (a[1, -1] < 0)
+    # the loss is the mean over the kept positions only
+    with torch.no_grad():
+        _, loss = model(idx, more_ignored)
+        torch.testing.assert_close(loss, -b[keep].mean(), atol=1e-6, rtol=0)
+        _, loss = model(idx, torch.full_like(targets, -1))
+    assert loss.item() == 0.0
+
+
+def test_no_dropout_in_eval_mode():
+    model = tiny_gpt(dropout=0.5)
+    idx = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], model(idx)[0])
+        model.train()
+        assert not torch.equal(model(idx)[0], model(idx)[0])  # dropout is really there
