@@ -11,6 +11,8 @@ from functools import lru_cache
 
 import torch
 
+from configurator import check
+
 # -----------------------------------------------------------------------------
 # tokenizer: GPT-2's byte-level BPE, built offline from the merges file in assets/
 
@@ -148,7 +150,6 @@ def load_checkpoint(path, stage=None, hint=''):
 def require_checkpoint(path, stage, hint=''):
     """load_checkpoint at a script's start-up: a missing file or a checkpoint of another stage is a
     bad setting like any other, so the script ends with 'config error: ...', exit code 2, no traceback."""
-    from configurator import check
     try:
         return load_checkpoint(path, stage, hint)
     except (FileNotFoundError, ValueError) as e:

@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (all_reduce_mean, check_finite, decode_response, default_device, default_dtype, get_tokenizer,
-                    load_checkpoint, model_from_checkpoint, restore_rng, save_checkpoint, setup)
+                    model_from_checkpoint, require_checkpoint, restore_rng, save_checkpoint, setup)
 from configurator import check, configure
 from loaders import batch_indices, read_jsonl, tokenize_prompts
 
@@ -186,8 +186,8 @@ grad_accum = mini_batch_size // (micro_batch_size * world_size)
 
 # -----------------------------------------------------------------------------
 # four models
-sft = load_checkpoint(sft_ckpt, stage='sft', hint='run python train_sft.py first')
-rm = load_checkpoint(rm_ckpt, stage='rm', hint='run python train_reward_model.py first')
+sft = require_checkpoint(sft_ckpt, stage='sft', hint='run python train_sft.py first')
+rm = require_checkpoint(rm_ckpt, stage='rm', hint='run python train_reward_model.py first')
 check(sft['model_args']['vocab_size'] == rm['model_args']['vocab_size'],
       f"{sft_ckpt} and {rm_ckpt} use different vocabularies ({sft['model_args']['vocab_size']} vs {rm['model_args']['vocab_size']})")
 check(max_prompt_len + max_new_tokens <= sft['model_args']['block_size'],
@@ -199,7 +199,7 @@ value_model, value_args = model_from_checkpoint(rm)
 del sft, rm
 start_iter = 0
 if init_from == 'resume':
-    ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), stage='ppo', hint=f"nothing to resume in {out_dir}")
+    ckpt = require_checkpoint(os.path.join(out_dir, 'ckpt.pt'), stage='ppo', hint=f"nothing to resume in {out_dir}")
     policy.load_state_dict(ckpt['model'])
     value_model.load_state_dict(ckpt['value_model'])
     start_iter, kl_coef = ckpt['step'], ckpt['kl_coef']
@@ -262,8 +262,12 @@ if master:
     os.makedirs(out_dir, exist_ok=True)
 log = open(os.path.join(out_dir, 'log.jsonl'), 'a') if master else None
 t0 = time.time()
+row = dict.fromkeys(('score', 'kl', 'gold', 'ended'), float('nan'))  # no iteration yet: resuming a finished run
 bar = tqdm(range(start_iter, max_iters), initial=start_iter, total=max_iters, disable=not master, desc='ppo', mininterval=1.0)
 for it in bar:
+    # the iteration's random numbers (sampling, minibatch order) depend on (seed, it, rank) only, like its
+    # prompts: a resumed run draws the same ones on every rank (a checkpoint holds rank 0's RNG state only)
+    torch.manual_seed(seed + 100_003 * it + rank)
     # 1. rollout: this process's prompts, sampled with the KV cache
     batch_ids = batch_indices(len(prompts), batch_size, it, seed, rank, world_size)
     batch = [prompts[i] for i in batch_ids]

@@ -13,6 +13,7 @@ the model but its targets are -1, so it is never learned. Every response ends wi
     torchrun --standalone --nproc_per_node=8 train_sft.py config/sft_gpt2_hh.py
 """
 import json
+import math
 import os
 import time
 
@@ -21,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (all_reduce_mean, check_finite, default_device, default_dtype, get_lr, get_tokenizer,
-                    load_checkpoint, model_from_checkpoint, restore_rng, save_checkpoint, setup)
+                    model_from_checkpoint, require_checkpoint, restore_rng, save_checkpoint, setup)
 from configurator import check, configure
 from loaders import batch_indices, collate, read_jsonl, tokenize_sft
 from model import GPT, GPTConfig
@@ -87,7 +88,7 @@ device_type = 'cuda' if 'cuda' in device else 'cpu'
 # the model: from scratch, from GPT-2, or resumed
 start_step, best_val, ckpt_path = 0, float('inf'), os.path.join(out_dir, 'ckpt.pt')
 if init_from == 'resume':
-    ckpt = load_checkpoint(ckpt_path, stage='sft', hint=f"nothing to resume in {out_dir}")
+    ckpt = require_checkpoint(ckpt_path, stage='sft', hint=f"nothing to resume in {out_dir}")
     model, model_args = model_from_checkpoint(ckpt, dropout=dropout)
     start_step, best_val = ckpt['step'], ckpt['best_val']
 elif init_from == 'scratch':
@@ -150,16 +151,18 @@ if master:
     os.makedirs(out_dir, exist_ok=True)
 log = open(os.path.join(out_dir, 'log.jsonl'), 'a') if master else None
 model.train()
-t0, tokens_seen = time.time(), 0
+t0, tokens_seen, loss_value = time.time(), 0, float('nan')
 bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, disable=not master, desc='sft', mininterval=1.0)
 for step in bar:
+    torch.manual_seed(seed + 100_003 * step + rank)  # dropout masks from (seed, step, rank): a resume under DDP is exact too
     lr = get_lr(step, learning_rate, warmup_steps, max_steps, min_lr_ratio)
     if step % eval_interval == 0 or step == max_steps - 1:
         val_loss = evaluate()
         if master:
             improved = val_loss < best_val
             best_val = min(best_val, val_loss)
-            save(step, best_val)  # the latest state, to resume from
+            if math.isfinite(val_loss):  # weights that give a NaN/inf loss are never the state to resume from
+                save(step, best_val)  # the latest state, to resume from
             if improved:
                 save_checkpoint(os.path.join(out_dir, 'best.pt'), model, None, model_args, config, 'sft', step, best_val=best_val)
             tqdm.write(f"step {step}: val loss {val_loss:.4f}{' (best)' if improved else ''}, lr {lr:.2e}")
@@ -194,6 +197,7 @@ for step in bar:
     if master:
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
         log.write(json.dumps({'step': step, 'train/loss': loss_value, 'lr': lr}) + '\n')
+        log.flush()  # whole lines only: a run killed at any moment leaves a log that a resume can append to
 
 if master:
     save(max_steps, best_val)

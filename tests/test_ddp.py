@@ -1,0 +1,139 @@
+"""
+The scripts under torchrun: 2 processes on a CPU, joined with gloo. A global batch split over 2
+processes must train exactly like the same batch in 1 process (the losses are normalised by
+global counts); logged statistics are global; only rank 0 prints a progress bar and writes files.
+"""
+import math
+import sys
+
+import pytest
+import torch
+
+from common import get_tokenizer, model_from_checkpoint, save_checkpoint
+from loaders import batch_indices, read_jsonl, tokenize_prompts
+from scripts import ROOT, read_log
+from test_ppo import make_tiny_world
+from test_reliability import output, prefs_args, sft_args, start
+
+
+def torchrun(script, args, tmp_path, name='torchrun'):
+    """Start script under torchrun with 2 processes; each rank's stdout and stderr go to files under tmp_path / name."""
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           f'--log_dir={tmp_path / name}', '--redirects=3', str(ROOT / script), *args]
+    return start(cmd, tmp_path, name)
+
+
+def rank_output(tmp_path, rank, name='torchrun'):
+    """(stdout, stderr) that torchrun saved for a local rank."""
+    (out,) = (tmp_path / name).rglob(f'{rank}/stdout.log')
+    return out.read_text(), (out.parent / 'stderr.log').read_text()
+
+
+def wait(proc, tmp_path, name, ranks=False):
+    code = proc.wait(timeout=300)
+    if code != 0 and ranks:
+        logs = '\n'.join(f"rank {r}:\n{''.join(rank_output(tmp_path, r, name))[-2000:]}" for r in (0, 1))
+        pytest.fail(f"torchrun failed ({code}):\n{output(tmp_path, name)}\n{logs}")
+    assert code == 0, output(tmp_path, name)
+
+
+def assert_rank0_only(tmp_path, out_dir, bar, name='torchrun'):
+    """Rank 0 prints the progress bar and the summary; rank 1 neither, and every log row is written once."""
+    out0, err0 = rank_output(tmp_path, 0, name)
+    out1, err1 = rank_output(tmp_path, 1, name)
+    assert f'{bar}: 100%|' in err0 and 'done:' in out0
+    assert f'{bar}:' not in err1 and '%|' not in err1 and 'done:' not in out1 and 'overriding' not in out1
+    log = read_log(out_dir / 'log.jsonl')
+    keys = [(row.get('step', row.get('iter')), tuple(row)) for row in log]
+    assert len(keys) == len(set(keys)), 'a log row was written twice'
+    return log
+
+
+def curve(log, key):
+    return {row['step']: row[key] for row in log if key in row}
+
+
+def assert_same_run(one_dir, two_dir, keys, atol):
+    """1 process and 2 processes: the same logged numbers step by step, and the same final weights."""
+    one, two = read_log(one_dir / 'log.jsonl'), read_log(two_dir / 'log.jsonl')
+    for key in keys:
+        a, b = curve(one, key), curve(two, key)
+        assert a.keys() == b.keys() and len(a) > 0, key
+        for step in a:
+            assert b[step] == pytest.approx(a[step], rel=1e-5), (key, step, a[step], b[step])
+    w1 = torch.load(one_dir / 'ckpt.pt', weights_only=True)['model']
+    w2 = torch.load(two_dir / 'ckpt.pt', weights_only=True)['model']
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], rtol=0, atol=atol), (k, (w1[k] - w2[k]).abs().max())
+
+
+def test_sft_two_processes_match_one(tmp_path):
+    # batch 8: 2 processes x 2 micro-batches of 2, against 1 process x 2 micro-batches of 4
+    args = sft_args(tmp_path)
+    two = torchrun('train_sft.py', args + ['--micro_batch_size=2', f'--out_dir={tmp_path / "two"}'], tmp_path)
+    one = start([sys.executable, str(ROOT / 'train_sft.py'), *args, '--micro_batch_size=4', f'--out_dir={tmp_path / "one"}'],
+                tmp_path, 'one')
+    wait(one, tmp_path, 'one')
+    wait(two, tmp_path, 'torchrun', ranks=True)
+    assert_rank0_only(tmp_path, tmp_path / 'two', 'sft')
+    assert sorted(p.name for p in (tmp_path / 'two').iterdir()) == ['best.pt', 'ckpt.pt', 'log.jsonl']
+    assert_same_run(tmp_path / 'one', tmp_path / 'two', ['train/loss', 'val/loss'], atol=1e-5)
+
+
+@pytest.mark.skipif(not (ROOT / 'train_dpo.py').exists(), reason='train_dpo.py not written yet')
+def test_dpo_two_processes_match_one(tmp_path):
+    args = prefs_args(tmp_path)
+    two = torchrun('train_dpo.py', args + ['--micro_batch_size=2', f'--out_dir={tmp_path / "two"}'], tmp_path)
+    one = start([sys.executable, str(ROOT / 'train_dpo.py'), *args, '--micro_batch_size=4', f'--out_dir={tmp_path / "one"}'],
+                tmp_path, 'one')
+    wait(one, tmp_path, 'one')
+    wait(two, tmp_path, 'torchrun', ranks=True)
+    assert_rank0_only(tmp_path, tmp_path / 'two', 'dpo')
+    assert_same_run(tmp_path / 'one', tmp_path / 'two', ['train/loss', 'train/rewards/margins', 'val/loss'], atol=1e-5)
+
+
+def test_ppo_logs_global_statistics_and_resumes_exactly(tmp_path):
+    """A policy whose every response is 16 times the same token: the rollouts are known whatever the
+    sampling RNG of each rank, so the logged score must be the mean over the whole global batch.
+    Then 2 iterations resumed to 3 must end where 3 straight iterations end, on both ranks' RNG."""
+    args = make_tiny_world(tmp_path)
+    token = 100
+    ckpt = torch.load(tmp_path / 'sft.pt', weights_only=True)
+    policy, _ = model_from_checkpoint(ckpt)
+    with torch.no_grad():  # logits = W_lm @ ln_f(x) = W_lm @ bias: 320 for the token, about +-1 for the others
+        policy.transformer.ln_f.weight.zero_()
+        policy.transformer.ln_f.bias.fill_(10.0)
+        policy.lm_head.weight[token] = 1.0
+    save_checkpoint(tmp_path / 'sft.pt', policy, None, ckpt['model_args'], {}, 'sft', 0)
+    two = torchrun('train_ppo.py', args + ['--max_iters=2', f'--out_dir={tmp_path / "ppo"}'], tmp_path)
+    straight = torchrun('train_ppo.py', args + ['--max_iters=3', f'--out_dir={tmp_path / "straight"}'], tmp_path, 'straight')
+    wait(two, tmp_path, 'torchrun', ranks=True)
+    resumed = torchrun('train_ppo.py', args + ['--max_iters=3', f'--out_dir={tmp_path / "ppo"}', '--init_from=resume'],
+                       tmp_path, 'resumed')
+    log = assert_rank0_only(tmp_path, tmp_path / 'ppo', 'ppo')
+    assert [row['iter'] for row in log] == [0, 1]
+    assert all(math.isfinite(v) for row in log for v in row.values())
+
+    # the expected scores: the reward model on each prompt of the global batch + the 16 tokens,
+    # plus missing_eos_penalty (-1: the response never ends)
+    enc = get_tokenizer(512)
+    prompts = tokenize_prompts(read_jsonl(tmp_path / 'prompts.jsonl', 'rl'), enc, 24)
+    reward_model, _ = model_from_checkpoint(torch.load(tmp_path / 'rm.pt', weights_only=True))
+    for row in log:
+        ids = batch_indices(len(prompts), 8, row['iter'], 1337)  # both ranks' prompts
+        with torch.no_grad():
+            scores = torch.stack([reward_model.scores(torch.tensor([prompts[i] + [token] * 16]))[0, -1] for i in ids]) - 1.0
+        assert row['response_length'] == 16 and row['ended'] == 0
+        assert row['score'] == pytest.approx(scores.mean().item(), abs=1e-5)
+        assert abs(scores[:4].mean() - scores.mean()) > 1e-3  # rank 0's half alone would not match
+
+    # resumed under DDP: the same weights as the straight run (the value model's minibatch order,
+    # drawn by each rank, is what differs when rank 1 does not get its own random numbers back)
+    wait(straight, tmp_path, 'straight', ranks=True)
+    wait(resumed, tmp_path, 'resumed', ranks=True)
+    a = torch.load(tmp_path / 'straight' / 'ckpt.pt', weights_only=True)
+    b = torch.load(tmp_path / 'ppo' / 'ckpt.pt', weights_only=True)
+    assert a['step'] == b['step'] == 3
+    for key in ('model', 'value_model'):
+        for k in a[key]:
+            assert torch.allclose(a[key][k], b[key][k], rtol=0, atol=1e-6), (key, k)
