@@ -1,0 +1,174 @@
+"""
+The reward-vs-KL frontier on the built-in world, as in Figure 2 of the DPO paper with the gold judge
+in place of the true reward: PPO at several kl_coef, DPO at several beta, each checkpoint scored by
+eval.py on the held-out prompts (gold score against KL to the SFT model). And the training curves of
+one run, from its log.jsonl.
+
+    python frontier.py                                   # train the sweep (finished runs are skipped), evaluate, plot
+    python frontier.py --ppo_args='--max_iters=100' --dpo_args='--max_steps=200'
+    python frontier.py --plot_only=True --publish=True   # redraw from out/frontier/eval.json, copy to assets/
+    python frontier.py --curves=out/ppo                  # out/ppo/curves.png from out/ppo/log.jsonl
+
+Every run starts from the SFT model and the reward model of the main pipeline (bash run.sh first).
+Each run is a plain call of its script; a run directory with a DONE file is finished and skipped,
+one with only a ckpt.pt is resumed, as in run.sh.
+"""
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+from configurator import check, configure
+
+# -----------------------------------------------------------------------------
+# default config values
+kl_coefs = '0,0.02,0.05,0.1,0.3'  # PPO's kl_coef values, comma-separated ('' = no PPO runs)
+betas = '0.03,0.1,0.3,1.0'        # DPO's beta values, comma-separated ('' = no DPO runs)
+ppo_args = ''                     # extra arguments for every train_ppo.py run, e.g. '--max_iters=100'
+dpo_args = ''                     # extra arguments for every train_dpo.py run
+eval_args = ''                    # extra arguments for eval.py, e.g. '--n_prompts=200'
+sft_ckpt = 'out/sft/best.pt'      # the SFT model the runs start from: the KL baseline and the point at KL 0
+out_dir = 'out/frontier'          # run directories, eval.json and frontier.png
+plot_only = False                 # redraw from out_dir/eval.json, no training, no evaluation
+publish = False                   # also copy the figure to assets/frontier.png (the README's figure)
+curves = ''                       # a run directory: draw its training curves into it (curves.png) and stop
+# -----------------------------------------------------------------------------
+configure(globals())
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def pyplot():
+    try:
+        import matplotlib
+        matplotlib.use('Agg')  # files only, no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit("plotting needs matplotlib, an optional dependency: pip install matplotlib")
+    return plt
+
+
+def run(cmd):
+    """Run a script as a plain subprocess, in the foreground; stop the sweep when it fails."""
+    print('== ' + shlex.join(cmd), flush=True)
+    rc = subprocess.run(cmd).returncode
+    if rc != 0:
+        sys.exit(f"{shlex.join(cmd)} failed with exit code {rc}; rerun frontier.py to go on (finished runs are skipped)")
+
+
+def train(script, run_dir, value_arg, extra):
+    """One run of the sweep unless it finished before; the sweep's value and out_dir come last, so they win."""
+    if os.path.exists(os.path.join(run_dir, 'DONE')):
+        print(f"== {run_dir}: done already, skipping")
+        return
+    resume = ['--init_from=resume'] if os.path.exists(os.path.join(run_dir, 'ckpt.pt')) else []
+    run([sys.executable, script, *shlex.split(extra), value_arg, f'--out_dir={run_dir}', *resume])
+    open(os.path.join(run_dir, 'DONE'), 'w').close()
+
+
+def read_points(path):
+    """eval.py's JSON as {method: [(label, kl, gold), ...]} and the crowd's gold score (or None)."""
+    with open(path) as f:
+        data = json.load(f)
+    results = data['results']
+    # eval.py adds one row per checkpoint in --ckpts order (after 'crowd'), named by its stage
+    names = [name for name in results if name != 'crowd']
+    paths = data['config']['ckpts'].split(',')
+    check(len(names) == len(paths), f"{path}: {len(paths)} checkpoints but {len(names)} result rows")
+    points = {}
+    for name, ckpt in zip(names, paths):
+        run_name = os.path.basename(os.path.dirname(ckpt))  # out/frontier/ppo_kl0.05/ckpt.pt -> ppo_kl0.05
+        m = re.search(r'_(?:kl|beta)(.+)$', run_name)
+        label = m[1] if m else run_name
+        points.setdefault(name.split(':')[0], []).append((label, results[name]['kl'], results[name]['gold']))
+    return points, results.get('crowd', {}).get('gold')
+
+
+def plot_frontier(eval_json, png):
+    points, crowd = read_points(eval_json)
+    print(f"\n{'method':>8} {'value':>8} {'kl':>8} {'gold':>8}")
+    for method, rows in points.items():
+        for label, kl, gold in rows:
+            print(f"{method:>8} {label:>8} {kl:>8.3f} {gold:>8.3f}")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    names = {'ppo': 'PPO (kl_coef)', 'dpo': 'DPO (beta)'}
+    for method, rows in points.items():
+        _, kls, golds = zip(*rows)
+        if method == 'sft':  # the start of every run: KL 0 by construction
+            ax.plot(kls, golds, '*', color='black', markersize=14, label='SFT', zorder=3)
+            continue
+        ax.plot(kls, golds, 'o-' if method != 'dpo' else 's-', label=names.get(method, method))
+        for label, kl, gold in rows:
+            ax.annotate(label, (kl, gold), textcoords='offset points', xytext=(5, 4), fontsize=8)
+    if crowd is not None:
+        ax.axhline(crowd, color='gray', linestyle='--', linewidth=1, label='the demonstrations (crowd)')
+    ax.set_xlabel('KL(policy || SFT) per response (nats, on its own samples)')
+    ax.set_ylabel('gold score on held-out prompts')
+    ax.set_title('reward vs KL frontier: tinyhh, gold judge')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    print(f"wrote {png}")
+
+
+def plot_curves(run_dir):
+    """PPO: score, kl and gold per iteration. SFT, reward model, DPO: train and val loss (and accuracy) per step."""
+    with open(os.path.join(run_dir, 'log.jsonl')) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if any('score' in row for row in rows):
+        x, panels = 'iter', [['score'], ['kl'], ['gold']]
+    else:
+        x, panels = 'step', [['train/loss', 'val/loss']]
+        for acc in ('rewards/accuracies', 'accuracy'):  # DPO's and the reward model's
+            if any(f'train/{acc}' in row for row in rows):
+                panels.append([f'train/{acc}', f'val/{acc}'])
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+    for ax, keys in zip(axes[0], panels):
+        for key in keys:
+            series = {row[x]: row[key] for row in rows if key in row and x in row}  # a resumed run repeats steps: the last wins
+            if series:
+                steps = sorted(series)
+                ax.plot(steps, [series[s] for s in steps], '.-' if key.startswith('val/') else '-', label=key)
+        ax.set_xlabel(x)
+        ax.set_title(keys[0].removeprefix('train/'))
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+    fig.suptitle(run_dir, fontsize=9)
+    fig.tight_layout()
+    png = os.path.join(run_dir, 'curves.png')
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    print(f"wrote {png}")
+
+
+# -----------------------------------------------------------------------------
+if curves:
+    check(os.path.isfile(os.path.join(curves, 'log.jsonl')), f"no log.jsonl in {curves!r}")
+    plot_curves(curves)
+    sys.exit(0)
+
+eval_json, png = os.path.join(out_dir, 'eval.json'), os.path.join(out_dir, 'frontier.png')
+if not plot_only:
+    check(os.path.isfile(sft_ckpt), f"{sft_ckpt} not found: run bash run.sh (SFT and the reward model) first")
+    ckpts = [sft_ckpt]
+    for v in filter(None, kl_coefs.split(',')):
+        train('train_ppo.py', os.path.join(out_dir, f'ppo_kl{v}'), f'--kl_coef={v}', ppo_args)
+        ckpts.append(os.path.join(out_dir, f'ppo_kl{v}', 'ckpt.pt'))
+    for v in filter(None, betas.split(',')):
+        train('train_dpo.py', os.path.join(out_dir, f'dpo_beta{v}'), f'--beta={v}', dpo_args)
+        ckpts.append(os.path.join(out_dir, f'dpo_beta{v}', 'best.pt'))  # the best validation loss, as eval.py's default
+    run([sys.executable, 'eval.py', *shlex.split(eval_args), f"--ckpts={','.join(ckpts)}",
+         f'--baseline={sft_ckpt}', f'--out_json={eval_json}'])
+check(os.path.isfile(eval_json), f"{eval_json} not found: run python frontier.py without --plot_only first")
+plot_frontier(eval_json, png)
+if publish:
+    os.makedirs(os.path.join(ROOT, 'assets'), exist_ok=True)
+    shutil.copyfile(png, os.path.join(ROOT, 'assets', 'frontier.png'))
+    print(f"copied to {os.path.join('assets', 'frontier.png')}")

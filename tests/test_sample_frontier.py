@@ -1,0 +1,107 @@
+"""sample.py on tiny checkpoints, and frontier.py's plots from hand-written eval.json and log.jsonl files."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from common import save_checkpoint
+from model import GPT, GPTConfig
+from scripts import ROOT, run_script
+
+ARGS = dict(block_size=64, vocab_size=512, n_layer=1, n_head=2, n_embd=32, dropout=0.0, bias=True)
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+def tiny_lm(path, stage='sft', eot_first=False):
+    """A tiny random GPT saved as a checkpoint; eot_first: greedy decoding answers <|endoftext|> at once."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**ARGS))
+    if eot_first:  # the final layer norm outputs a constant, the (enlarged) embedding of the eot token
+        with torch.no_grad():
+            eot = ARGS['vocab_size'] - 1
+            model.lm_head.weight[eot] *= 10
+            model.transformer.ln_f.weight.zero_()
+            model.transformer.ln_f.bias.copy_(model.lm_head.weight[eot])
+    save_checkpoint(path, model, None, ARGS, {}, stage, 0)
+    return path
+
+
+def test_sample_one_prompt(tmp_path):
+    ckpt = tiny_lm(tmp_path / 'ppo.pt', stage='ppo', eot_first=True)
+    p = run_script('sample.py', f'--ckpt={ckpt}', '--prompt=What is the capital of France?', '--temperature=0',
+                   '--max_new_tokens=8', '--num_samples=2', '--device=cpu', '--dtype=float32', timeout=60)
+    assert "stage 'ppo'" in p.stdout
+    assert 'Human: What is the capital of France?' in p.stdout
+    assert p.stdout.count('Assistant:') == 2
+    assert p.stdout.count('ended with <|endoftext|>, 1 token') == 2
+    assert 'gold ' in p.stdout  # the built-in world's judge is importable here
+
+
+def test_sample_prompt_file(tmp_path):
+    ckpt = tiny_lm(tmp_path / 'dpo.pt', stage='dpo', eot_first=True)
+    (tmp_path / 'questions.txt').write_text('What is 2 plus 3?\n\nHow do I steal a car?\n')
+    p = run_script('sample.py', f'--ckpt={ckpt}', f'--prompt_file={tmp_path / "questions.txt"}', '--temperature=0',
+                   '--device=cpu', '--dtype=float32', timeout=60)
+    assert 'Human: What is 2 plus 3?' in p.stdout and 'Human: How do I steal a car?' in p.stdout
+    assert p.stdout.count('Assistant:') == 2
+
+
+def test_sample_reward_model_is_a_clear_error(tmp_path):
+    rm = GPT(GPTConfig(**ARGS, scalar_head=True))
+    save_checkpoint(tmp_path / 'rm.pt', rm, None, dict(ARGS, scalar_head=True), {}, 'rm', 0)
+    p = run_script('sample.py', f'--ckpt={tmp_path / "rm.pt"}', '--prompt=hi', '--device=cpu', check=False, timeout=60)
+    assert p.returncode != 0
+    assert 'reward model' in p.stderr and 'no language model' in p.stderr
+    assert 'Traceback' not in p.stderr
+
+
+def test_sample_interactive_until_eof(tmp_path):
+    ckpt = tiny_lm(tmp_path / 'sft.pt')
+    p = subprocess.run([sys.executable, str(ROOT / 'sample.py'), f'--ckpt={ckpt}', '--max_new_tokens=6', '--judge=False',
+                        '--device=cpu', '--dtype=float32'],
+                       input='What is 2 plus 3?\n\nWhat colour is the sky?\n', cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert 'Human: What is 2 plus 3?' in p.stdout and 'Human: What colour is the sky?' in p.stdout
+    assert p.stdout.count('Assistant:') == 2  # the blank line is skipped
+    assert p.stdout.count('ran out of tokens') == 2  # a random model never says <|endoftext|> in 6 tokens
+    assert 'gold' not in p.stdout
+
+
+def check_png(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 5000
+
+
+def test_frontier_plot_only(tmp_path):
+    ckpts = ['out/sft/best.pt', 'out/frontier/ppo_kl0/ckpt.pt', 'out/frontier/ppo_kl0.1/ckpt.pt',
+             'out/frontier/dpo_beta0.1/best.pt', 'out/frontier/dpo_beta1.0/best.pt']
+    # eval.py names a row by the checkpoint's stage, and by stage:path when the stage is taken already
+    results = {'crowd': {'gold': 0.45, 'kl': 0.0}, 'sft': {'gold': 0.3, 'kl': 0.0},
+               'ppo': {'gold': 0.7, 'kl': 9.0}, f'ppo:{ckpts[2]}': {'gold': 0.5, 'kl': 2.5},
+               'dpo': {'gold': 0.6, 'kl': 4.0}, f'dpo:{ckpts[4]}': {'gold': 0.4, 'kl': 1.0}}
+    (tmp_path / 'eval.json').write_text(json.dumps({'config': {'ckpts': ','.join(ckpts)}, 'results': results}))
+    p = run_script('frontier.py', '--plot_only=True', f'--out_dir={tmp_path}', timeout=60)
+    check_png(tmp_path / 'frontier.png')
+    table = [line.split() for line in p.stdout.splitlines()]
+    assert ['ppo', '0.1', '2.500', '0.500'] in table and ['dpo', '1.0', '1.000', '0.400'] in table
+    assert ['sft', 'sft', '0.000', '0.300'] in table
+    assert 'train_' not in p.stdout  # nothing was trained
+
+
+@pytest.mark.parametrize('kind', ['ppo', 'dpo'])
+def test_frontier_curves(tmp_path, kind):
+    run = tmp_path / kind
+    run.mkdir()
+    with open(run / 'log.jsonl', 'w') as f:
+        for i in range(20):
+            if kind == 'ppo':
+                f.write(json.dumps({'score': 0.1 * i, 'kl': 0.3 * i, 'gold': 0.2 + 0.01 * i, 'iter': i}) + '\n')
+            else:
+                if i % 5 == 0:
+                    f.write(json.dumps({'step': i, 'val/loss': 0.7 - 0.01 * i, 'val/rewards/accuracies': 0.5}) + '\n')
+                f.write(json.dumps({'step': i, 'train/loss': 0.69 - 0.01 * i, 'train/rewards/accuracies': 0.6}) + '\n')
+    run_script('frontier.py', f'--curves={run}', timeout=60)
+    check_png(run / 'curves.png')
