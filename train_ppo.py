@@ -148,17 +148,17 @@ cliprange = 0.2                               # PPO clip on the probability rati
 cliprange_value = 0.2                         # clip on the value change
 vf_coef = 0.1                                 # weight of the value loss
 # optimization
-max_iters = 150                               # PPO iterations (rollout + update)
-ppo_epochs = 4                                # passes over each rollout batch
-mini_batch_size = 16                          # sequences per optimizer step, summed over all processes
-micro_batch_size = 16                         # sequences per forward pass per process
+max_iters = 60                                # PPO iterations (rollout + update)
+ppo_epochs = 2                                # passes over each rollout batch
+mini_batch_size = 32                          # sequences per optimizer step, summed over all processes
+micro_batch_size = 32                         # sequences per forward pass per process
 learning_rate = 1e-4                          # AdamW learning rate, policy and value model
 weight_decay = 0.0                            # AdamW weight decay
 grad_clip = 1.0                               # clip the gradient norm at this value (0: off)
 skip_nonfinite = False                        # on a NaN/inf loss or gradient: skip the step (True) or stop (False)
 # logging, checkpoints, system
-ckpt_interval = 25                            # iterations between checkpoints
-sample_interval = 25                          # iterations between printed sample responses
+ckpt_interval = 20                            # iterations between checkpoints
+sample_interval = 20                          # iterations between printed sample responses
 seed = 1337                                   # seeds the prompt order and the sampling
 device = default_device()                     # 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = default_dtype()                       # 'float32' | 'bfloat16' | 'float16'
