@@ -1,0 +1,293 @@
+"""
+The reward model and DPO: their losses against closed forms, the reward read at the last real
+token, precomputed reference log-probs, the SFT mask on real batches, and each training script
+(SFT, RM, DPO) overfitting 64 examples on a tiny model. CPU only, tiny models, no data files.
+"""
+import json
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common import get_tokenizer, save_checkpoint
+from loaders import collate, read_jsonl, tokenize_sft
+from model import GPT, GPTConfig
+from scripts import read_log, run_script, script_functions
+
+rm = script_functions('train_reward_model.py')
+dpo = script_functions('train_dpo.py')
+LN2 = math.log(2)
+TINY = dict(block_size=64, vocab_size=512, n_layer=2, n_head=2, n_embd=64, dropout=0.0, bias=True)
+
+# -----------------------------------------------------------------------------
+# Bradley-Terry
+
+
+@pytest.mark.parametrize('delta, expected', [(0.0, LN2), (1.0, 0.31326168751822286), (-1.0, 1.3132616875182228)])
+def test_bradley_terry_closed_forms(delta, expected):
+    # -log sigmoid(d) = log(1 + e^-d)
+    assert math.isclose(expected, math.log1p(math.exp(-delta)), rel_tol=1e-12)
+    chosen = torch.tensor([0.3 + delta, -2.0 + delta], dtype=torch.float64)
+    rejected = torch.tensor([0.3, -2.0], dtype=torch.float64)
+    assert math.isclose(rm.bradley_terry_loss(chosen, rejected).item(), expected, rel_tol=1e-12)
+    assert round(rm.bradley_terry_loss(chosen, rejected).item(), 5) == round(expected, 5)
+
+
+def test_bradley_terry_is_shift_invariant_and_stable():
+    g = torch.Generator().manual_seed(0)
+    chosen, rejected = torch.randn(16, generator=g, dtype=torch.float64), torch.randn(16, generator=g, dtype=torch.float64)
+    loss = rm.bradley_terry_loss(chosen, rejected)
+    for c in (-7.5, 3.0, 1e3):
+        assert torch.allclose(rm.bradley_terry_loss(chosen + c, rejected + c), loss, rtol=1e-12)
+    # huge gaps of either sign: finite, 0 and |delta|
+    big = rm.bradley_terry_loss(torch.tensor([0.0, 200.0]), torch.tensor([200.0, 0.0]))
+    assert math.isclose(big.item(), 100.0, rel_tol=1e-6)
+
+
+def test_reward_is_read_at_the_last_real_token_padding_changes_nothing():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY, scalar_head=True)).eval()
+    torch.nn.init.normal_(model.scalar_head.weight, std=1.0)  # zero-init would make every reward equal
+    g = torch.Generator().manual_seed(1)
+    examples = [(torch.randint(0, 511, (n_p,), generator=g).tolist(), torch.randint(0, 511, (n_r,), generator=g).tolist() + [511])
+                for n_p, n_r in [(5, 3), (9, 20), (3, 1), (12, 7)]]
+    with torch.no_grad():
+        batched = rm.last_token_rewards(model, *collate(examples, pad_id=511)[::2])
+        alone = torch.cat([rm.last_token_rewards(model, *collate([e], pad_id=511)[::2]) for e in examples])
+        # the same rows padded with a different pad id, and with extra padding from a longer row
+        other_pad = rm.last_token_rewards(model, *collate(examples, pad_id=7)[::2])
+        longer = rm.last_token_rewards(model, *collate(examples + [([1] * 30, [2] * 20)], pad_id=511)[::2])[:4]
+        seq, _, lengths = collate(examples, pad_id=511)
+        at_last_column = model.scores(seq)[:, -1]
+    for r in (batched, other_pad, longer):
+        assert torch.allclose(r, alone, atol=1e-5), (r, alone)
+    assert not torch.allclose(at_last_column, alone, atol=1e-3)  # reading at a pad would be wrong
+
+# -----------------------------------------------------------------------------
+# DPO, IPO, conservative DPO
+
+
+def logps_for_margin(h, beta=None):
+    """Policy and reference log-probs (float64, requiring grad on the policy) whose h is given."""
+    h = torch.as_tensor(h, dtype=torch.float64)
+    policy_chosen = (h - 3.0).clone().requires_grad_(True)
+    policy_rejected = torch.full_like(h, -5.0, requires_grad=True)
+    return policy_chosen, policy_rejected, torch.full_like(h, -3.0), torch.full_like(h, -5.0)
+
+
+@pytest.mark.parametrize('beta', [0.1, 0.5, 2.0])
+def test_dpo_at_the_reference(beta):
+    g = torch.Generator().manual_seed(0)
+    chosen = (-20 * torch.rand(8, generator=g, dtype=torch.float64)).requires_grad_(True)
+    rejected = (-20 * torch.rand(8, generator=g, dtype=torch.float64)).requires_grad_(True)
+    losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(chosen, rejected, chosen.detach().clone(),
+                                                            rejected.detach().clone(), beta)
+    assert torch.equal(losses, torch.full_like(losses, LN2))  # exactly ln 2
+    assert torch.equal(chosen_rewards, torch.zeros(8, dtype=torch.float64)) and torch.equal(rejected_rewards, chosen_rewards)
+    assert (chosen_rewards > rejected_rewards).float().mean() == 0  # strict >: a tie is not a win
+    assert not chosen_rewards.requires_grad
+    losses.sum().backward()
+    # dL/dh = -beta sigma(0) = -beta / 2; h rises with log pi(y_w) and falls with log pi(y_l)
+    assert torch.allclose(chosen.grad, torch.full_like(chosen, -beta / 2), rtol=1e-12)
+    assert torch.allclose(rejected.grad, torch.full_like(rejected, beta / 2), rtol=1e-12)
+
+
+@pytest.mark.parametrize('beta', [0.1, 1.0])
+def test_dpo_gradient_weight(beta):
+    h = torch.tensor([-30.0, -3.0, -0.5, 0.0, 0.7, 4.0, 40.0], dtype=torch.float64)
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected = logps_for_margin(h)
+    losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    assert torch.allclose(losses, -F.logsigmoid(beta * h), rtol=1e-12)
+    assert torch.allclose(chosen_rewards - rejected_rewards, beta * h, rtol=1e-12)
+    losses.sum().backward()
+    assert torch.allclose(policy_chosen.grad, -beta * torch.sigmoid(-beta * h), rtol=1e-10, atol=1e-300)
+    assert torch.allclose(policy_rejected.grad, beta * torch.sigmoid(-beta * h), rtol=1e-10, atol=1e-300)
+
+
+@pytest.mark.parametrize('beta', [0.1, 0.5, 2.0])
+def test_ipo_at_the_reference(beta):
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected = logps_for_margin([0.0, 0.0])
+    losses, _, _ = dpo.dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type='ipo')
+    assert torch.allclose(losses, torch.full_like(losses, 1 / (4 * beta ** 2)), rtol=1e-12)
+    # and its minimum (0) sits at the target margin h = 1 / (2 beta)
+    at_target = dpo.dpo_loss(*logps_for_margin([1 / (2 * beta)]), beta, loss_type='ipo')[0]
+    assert at_target.abs().item() < 1e-12
+
+
+@pytest.mark.parametrize('beta, eps', [(0.1, 0.1), (0.5, 0.25), (2.0, 0.01)])
+def test_conservative_dpo_minimiser(beta, eps):
+    h_star = math.log((1 - eps) / eps) / beta
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected = logps_for_margin([h_star])
+    loss, _, _ = dpo.dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, label_smoothing=eps)
+    loss.sum().backward()
+    assert abs(policy_chosen.grad.item()) < 1e-12  # stationary at h*
+    grid = torch.linspace(h_star - 20 / beta, h_star + 20 / beta, 40001, dtype=torch.float64)
+    losses = dpo.dpo_loss(*[t.detach() for t in logps_for_margin(grid)], beta, label_smoothing=eps)[0]
+    step = (grid[1] - grid[0]).item()
+    assert abs(grid[losses.argmin()].item() - h_star) <= step  # and that stationary point is the minimum
+    # eps = 0 is plain DPO
+    plain = dpo.dpo_loss(*[t.detach() for t in logps_for_margin(grid)], beta)[0]
+    assert torch.allclose(dpo.dpo_loss(*[t.detach() for t in logps_for_margin(grid)], beta, label_smoothing=0.0)[0], plain)
+
+
+def test_sequence_logps_sum_the_response_tokens_only():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY)).eval()
+    examples = [([5, 6, 7], [8, 9, 511]), ([1, 2], [3, 511]), ([4, 4, 4, 4, 4], [511])]
+    seq, targets, _ = collate(examples, pad_id=511)
+    with torch.no_grad():
+        logps = dpo.sequence_logps(model, seq, targets)
+        logits, _ = model(seq[:, :-1])
+        per_token = torch.log_softmax(logits.float(), -1).gather(2, targets.clamp(min=0)[..., None]).squeeze(-1)
+    assert torch.allclose(logps, (per_token * (targets >= 0)).sum(-1), atol=1e-4)
+
+# -----------------------------------------------------------------------------
+# the SFT mask, on real batches from the loader
+
+
+HH_RECORDS = [
+    {'prompt': 'What is the capital of France?', 'response': 'The capital of France is Paris. I hope that helps!'},
+    {'prompt': 'Hi. How do I make a bomb?', 'response': "Sorry, I can't help with that. I can tell you how to stay safe instead."},
+    {'prompt': '\n\nHuman: Hi!\n\nAssistant: Hello! How can I help?\n\nHuman: What sound does a cow make?\n\nAssistant:',
+     'response': 'A cow says moo.'},
+    {'prompt': 'What am I thinking about? ' * 30, 'response': "I don't know, there is no way for me to know that. " * 10},
+]
+
+
+def test_sft_mask_on_real_batches(tmp_path):
+    path = tmp_path / 'sft.jsonl'
+    path.write_text(''.join(json.dumps(r) + '\n' for r in HH_RECORDS))
+    enc = get_tokenizer(8192)
+    block_size = 64
+    examples = tokenize_sft(read_jsonl(str(path), 'sft'), enc, block_size)
+    seq, targets, lengths = collate(examples, enc.eot_token)
+    assert targets.shape == (len(examples), seq.size(1) - 1)
+    for i, (prompt, response) in enumerate(examples):
+        P, R = len(prompt), len(response)
+        assert P + R <= block_size and R >= 1 and lengths[i] == P + R
+        assert enc.decode(seq[i, :P].tolist()).endswith('\n\nAssistant:')  # the prompt, rendered, ends at the turn
+        if i < 3:
+            assert response[-1] == enc.eot_token and enc.decode(response[:-1]) == ' ' + HH_RECORDS[i]['response']
+        on = (targets[i] >= 0).nonzero().squeeze(1)
+        # every target >= 0 is a response token: positions P-1 .. P+R-2 predict seq[P .. P+R-1]
+        assert on.tolist() == list(range(P - 1, P + R - 1))
+        assert torch.equal(targets[i, on], seq[i, on + 1]) and targets[i, on].tolist() == response
+        assert (targets[i, :P - 1] == -1).all() and (targets[i, P + R - 1:] == -1).all()  # prompt and pads
+    assert all(targets[i, lengths[i] - 2] == enc.eot_token for i in range(3))  # the final eot is a target
+    assert examples[3][1][-1] != enc.eot_token  # a truncated response keeps its start, so no eot
+
+    # the loss sees only response positions: its gradient w.r.t. the logits is zero at every prompt
+    # and pad position, so changing what a prompt token predicts changes nothing
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**dict(TINY, vocab_size=8192)))
+    logprobs, loss = model(seq[:, :-1], targets)
+    logits, _ = model(seq[:, :-1])
+    logits.retain_grad()
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+    assert torch.allclose(loss, ce, atol=1e-5)
+    assert torch.equal(logprobs == 0, targets < 0)  # log-probs only where there is a target
+    ce.backward()
+    grad_norm = logits.grad.abs().sum(-1)  # (B, T-1)
+    assert (grad_norm[targets < 0] == 0).all() and (grad_norm[targets >= 0] > 0).all()
+    # and concretely: any change to the logits at prompt and pad positions leaves the loss as it is
+    noise = 5 * torch.randn_like(logits) * (targets < 0)[..., None]
+    ce_changed = F.cross_entropy((logits + noise).flatten(0, 1), targets.flatten(), ignore_index=-1)
+    assert torch.equal(ce_changed, ce)
+
+# -----------------------------------------------------------------------------
+# the scripts, end to end: each overfits 64 examples; precomputed reference log-probs
+
+
+WORDS = ('apple river stone cloud green quick lazy happy blue music window garden paper light moon '
+         'tiger seven orange silver quiet').split()
+
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+    """64 SFT demonstrations and 64 preference pairs of random words, and a tiny random SFT checkpoint."""
+    d = tmp_path_factory.mktemp('tiny')
+    rng = random.Random(0)
+
+    def words(n):
+        return ' '.join(rng.choice(WORDS) for _ in range(n))
+    with open(d / 'sft.jsonl', 'w') as f:
+        for i in range(64):
+            f.write(json.dumps({'prompt': f'Tell me about {words(3)}', 'response': words(rng.randint(2, 6))}) + '\n')
+    with open(d / 'prefs.jsonl', 'w') as f:
+        for i in range(64):
+            f.write(json.dumps({'prompt': f'Tell me about {words(3)}', 'chosen': words(rng.randint(2, 6)),
+                                'rejected': words(rng.randint(2, 6)) + ' x', 'gold_chosen': 1.0, 'gold_rejected': 0.0}) + '\n')
+    torch.manual_seed(0)
+    save_checkpoint(str(d / 'sft.pt'), GPT(GPTConfig(**TINY)), None, TINY, {}, 'sft', 0)
+    return d
+
+
+SYSTEM = ['--device=cpu', '--dtype=float32', '--block_size=64']
+ONE_THREAD = {'OMP_NUM_THREADS': '1'}  # as fast for a tiny model, and far faster when other jobs share the cores
+
+
+def test_sft_overfits_64_examples(world):
+    run_script('train_sft.py', *SYSTEM, f'--train_file={world}/sft.jsonl', f'--val_file={world}/sft.jsonl',
+               f'--out_dir={world}/sft', '--train_subset=64', '--n_layer=2', '--n_head=2', '--n_embd=64',
+               '--vocab_size=512', '--batch_size=64', '--micro_batch_size=32', '--max_steps=80',
+               '--learning_rate=1e-2', '--warmup_steps=10', '--weight_decay=0.0', '--eval_interval=1000', env=ONE_THREAD)
+    log = read_log(world / 'sft' / 'log.jsonl')
+    train = [row['train/loss'] for row in log if 'train/loss' in row]
+    assert train[0] > 4.0 and train[-1] < 0.1, (train[0], train[-1])
+
+
+def test_reward_model_overfits_64_pairs(world):
+    p = run_script('train_reward_model.py', *SYSTEM, f'--sft_ckpt={world}/sft.pt', f'--train_file={world}/prefs.jsonl',
+                   f'--val_file={world}/prefs.jsonl', '--test_file=', f'--sft_train_file={world}/sft.jsonl',
+                   f'--out_dir={world}/rm', '--train_subset=64', '--batch_size=32', '--micro_batch_size=16',
+                   '--max_steps=40', '--learning_rate=1e-2', '--warmup_steps=5', '--weight_decay=0.0',
+                   '--eval_interval=1000', env=ONE_THREAD)
+    log = read_log(world / 'rm' / 'log.jsonl')
+    train = [row for row in log if 'train/loss' in row]
+    assert math.isclose(train[0]['train/loss'], LN2, rel_tol=1e-6)  # zero-initialised head: every reward 0
+    assert train[-1]['train/loss'] < 0.1 and train[-1]['train/accuracy'] == 1.0, train[-1]
+    assert log[-1]['val/accuracy'] == 1.0 and log[-1]['val/gold_accuracy'] == 1.0  # all 64 pairs, at the end
+    assert 'done:' in p.stdout and 'train accuracy 1.000' in p.stdout
+    # best.pt is centred: the mean reward over the demonstrations is 0, and the offset is stored
+    ckpt = torch.load(world / 'rm' / 'best.pt', weights_only=True)
+    assert ckpt['stage'] == 'rm' and ckpt['model_args']['scalar_head'] and ckpt['reward_offset'] != 0
+    model = GPT(GPTConfig(**ckpt['model_args'])).eval()
+    model.load_state_dict(ckpt['model'])
+    enc = get_tokenizer(512)
+    demos = tokenize_sft(read_jsonl(str(world / 'sft.jsonl'), 'sft'), enc, 64)
+    seq, _, lengths = collate(demos, enc.eot_token)
+    with torch.no_grad():
+        assert abs(rm.last_token_rewards(model, seq, lengths).mean().item()) < 1e-4
+
+
+DPO_ARGS = [*SYSTEM, '--train_subset=64', '--beta=0.5', '--batch_size=32', '--micro_batch_size=16', '--max_steps=25',
+            '--learning_rate=3e-3', '--warmup_steps=5', '--eval_interval=10']
+
+
+@pytest.fixture(scope='module')
+def dpo_online(world):
+    """The log of a DPO run on the 64 pairs with the reference model computed online."""
+    run_script('train_dpo.py', *DPO_ARGS, f'--sft_ckpt={world}/sft.pt', f'--train_file={world}/prefs.jsonl',
+               f'--val_file={world}/prefs.jsonl', f'--out_dir={world}/dpo', env=ONE_THREAD)
+    return read_log(world / 'dpo' / 'log.jsonl')
+
+
+def test_dpo_overfits_64_pairs(dpo_online):
+    train = [row for row in dpo_online if 'train/loss' in row]
+    first, last = train[0], train[-1]
+    assert first['train/loss'] == pytest.approx(LN2, abs=1e-6) and first['train/rewards/margins'] == 0  # pi == pi_ref
+    assert last['train/loss'] < 0.1 and last['train/rewards/accuracies'] == 1.0, last
+    assert last['train/rewards/margins'] > 0 and last['train/rewards/chosen'] > last['train/rewards/rejected']
+
+
+def test_dpo_precomputed_reference_equals_online(world, dpo_online):
+    run_script('train_dpo.py', *DPO_ARGS, f'--sft_ckpt={world}/sft.pt', f'--train_file={world}/prefs.jsonl',
+               f'--val_file={world}/prefs.jsonl', f'--out_dir={world}/dpo_pre', '--precompute_ref_logps=True', env=ONE_THREAD)
+    pre = read_log(world / 'dpo_pre' / 'log.jsonl')
+    assert len(dpo_online) == len(pre) == 25 + 4  # 25 train rows, evals at steps 0, 10, 20 and 24
+    for a, b in zip(dpo_online, pre):  # every metric of every step, train and val
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-5), (k, a, b)

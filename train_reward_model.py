@@ -1,0 +1,291 @@
+"""
+Reward model: a Bradley-Terry model of the rater's preferences (Stiennon et al. 2020; Ouyang et
+al. 2022, eq. 1). A rater who saw response y_w beat y_l for prompt x is modelled as
+
+    P(y_w > y_l | x) = sigmoid(r_phi(x, y_w) - r_phi(x, y_l))
+    L_RM(phi) = - (1 / B) * sum_{(x, y_w, y_l) in batch} log sigmoid(r_phi(x, y_w) - r_phi(x, y_l))
+
+r_phi is the SFT model with a scalar head (Linear(n_embd, 1), zero-initialised so every reward
+starts at 0) read at the LAST real token of prompt + response: the <|endoftext|> that closes the
+response, the only position that has seen all of it. Chosen and rejected rows go through the model
+in one forward pass, stacked as [chosen rows; rejected rows].
+
+The loss depends on reward differences only, so the reward's zero is free. At the end the best
+weights (lowest validation loss) are centred: the mean reward over sft_train_file's demonstrations
+is subtracted from the scalar head's bias, so r = 0 is "as good as a demonstration" and PPO starts
+near reward 0. best.pt also stores that mean as reward_offset: the raw reward (before centring) is
+r + reward_offset; nothing downstream needs it. ckpt.pt (the latest state, to resume) is never
+centred.
+
+    python train_reward_model.py                         # built-in world, from out/sft/best.pt, CPU
+    python train_reward_model.py --learning_rate=1e-4    # any default below can be overridden
+    python train_reward_model.py config/rm_gpt2_hh.py    # GPT-2 on Anthropic HH-RLHF, one GPU
+    torchrun --standalone --nproc_per_node=8 train_reward_model.py config/rm_gpt2_hh.py
+"""
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from common import (all_reduce_mean, check_finite, default_device, default_dtype, get_lr, get_tokenizer,
+                    load_checkpoint, model_from_checkpoint, require_checkpoint, restore_rng, save_checkpoint, setup)
+from configurator import check, configure
+from loaders import batch_indices, collate, read_jsonl, tokenize_prefs, tokenize_sft
+
+# -----------------------------------------------------------------------------
+# the math: pure functions, tensors in and out (checked against closed forms in tests/)
+
+
+def last_token_rewards(model, seq, lengths):
+    """r(x, y) (B,): the scalar head at each row's last real token (lengths - 1), never at a pad."""
+    scores, _ = model(seq)  # (B, T): one score per position
+    return scores.gather(1, (lengths - 1)[:, None]).squeeze(1)
+
+
+def bradley_terry_loss(chosen_rewards, rejected_rewards):
+    """L_RM: -log sigmoid(r_chosen - r_rejected), the mean over pairs. logsigmoid is stable for
+    large gaps of either sign, where log(sigmoid(.)) would underflow to -inf."""
+    return -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+
+
+# -----------------------------------------------------------------------------
+# default config values: the built-in world (data/tinyhh), the tiny SFT model, on a CPU
+out_dir = 'out/rm'                            # checkpoints: ckpt.pt (latest, to resume) and best.pt (centred, for PPO)
+sft_ckpt = 'out/sft/best.pt'                  # the SFT model the reward model starts from
+train_file = 'data/tinyhh/prefs_train.jsonl'  # {"prompt", "chosen", "rejected"} per line
+val_file = 'data/tinyhh/prefs_val.jsonl'      # held-out pairs: validation loss and accuracy each eval
+test_file = 'data/tinyhh/prefs_test.jsonl'    # pairs scored once at the end with the best weights ('': none)
+sft_train_file = 'data/tinyhh/sft_train.jsonl'  # demonstrations the final rewards are centred on
+norm_examples = 2048                          # how many of those demonstrations (the first N)
+train_subset = 0                              # use only the first N training pairs (0: all; 64: an overfit check)
+init_from = 'sft'                             # 'sft' (from sft_ckpt) | 'resume' (from out_dir/ckpt.pt)
+block_size = 128                              # longest prompt + response, in tokens
+dropout = 0.0                                 # dropout in the model
+# optimization
+batch_size = 32                               # preference pairs per optimizer step, summed over all processes
+micro_batch_size = 32                         # pairs per forward pass per process (2x rows: chosen and rejected)
+max_steps = 0                                 # optimizer steps (0: one epoch, the usual choice for a reward model)
+learning_rate = 3e-4                          # peak learning rate (1e-3 fits the noisy labels as well but orders the gold worse)
+min_lr_ratio = 0.1                            # final learning rate as a fraction of the peak
+warmup_steps = 20                             # linear warmup steps
+weight_decay = 0.1                            # AdamW weight decay, on matrices only
+beta1 = 0.9                                   # AdamW beta1
+beta2 = 0.95                                  # AdamW beta2
+grad_clip = 1.0                               # clip the gradient norm at this value (0: off)
+skip_nonfinite = False                        # on a NaN/inf loss or gradient: skip the step (True) or stop (False)
+# evaluation, logging, checkpoints
+eval_interval = 100                           # steps between validation evals (and checkpoints)
+eval_batches = 16                             # micro-batches per validation eval (0: all of val_file)
+seed = 1337                                   # seeds the data order
+# system
+device = default_device()                     # 'cpu' | 'cuda' | 'cuda:1' ...
+dtype = default_dtype()                       # 'float32' | 'bfloat16' | 'float16'
+compile = False                               # torch.compile the model (worth it on a GPU)
+# -----------------------------------------------------------------------------
+config = configure(globals())
+check(init_from in ('sft', 'resume'), f"init_from must be 'sft' or 'resume', got {init_from!r}")
+check(batch_size > 0 and micro_batch_size > 0 and max_steps >= 0, "need batch_size, micro_batch_size > 0 and max_steps >= 0")
+check(learning_rate > 0 and grad_clip >= 0 and 0 <= dropout < 1, "need learning_rate > 0, grad_clip >= 0, 0 <= dropout < 1")
+check(eval_interval > 0 and eval_batches >= 0 and norm_examples > 0, "need eval_interval > 0, eval_batches >= 0, norm_examples > 0")
+
+# -----------------------------------------------------------------------------
+# set-up: processes, device, precision
+ddp, rank, world_size, device, ctx = setup(device, dtype, seed)
+master = rank == 0
+check(batch_size % (micro_batch_size * world_size) == 0,
+      f"batch_size {batch_size} must be divisible by micro_batch_size {micro_batch_size} x {world_size} processes")
+device_type = 'cuda' if 'cuda' in device else 'cpu'
+
+# -----------------------------------------------------------------------------
+# the model: the SFT model plus a zero-initialised scalar head, or resumed
+start_step, best_val = 0, float('inf')
+ckpt_path, best_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'best.pt')
+if init_from == 'resume':
+    ckpt = require_checkpoint(ckpt_path, stage='rm', hint=f"nothing to resume in {out_dir}")
+    model, model_args = model_from_checkpoint(ckpt, dropout=dropout)
+    start_step, best_val = ckpt['step'], ckpt['best_val']
+else:
+    ckpt = require_checkpoint(sft_ckpt, stage='sft', hint='run python train_sft.py first')
+    model, model_args = model_from_checkpoint(ckpt, scalar_head=True, dropout=dropout)
+check(model_args['block_size'] >= block_size, f"block_size {block_size} > the model's {model_args['block_size']}")
+model.to(device)
+enc = get_tokenizer(model_args['vocab_size'])
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if init_from == 'resume':
+    optimizer.load_state_dict(ckpt['optimizer'])
+    restore_rng(ckpt)
+del ckpt
+if master:
+    print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, vocabulary {model_args['vocab_size']}")
+train_model = torch.compile(model) if compile else model
+if ddp:
+    train_model = DDP(train_model, device_ids=[int(device.split(':')[1])] if device_type == 'cuda' else None)
+
+# -----------------------------------------------------------------------------
+# data: (prompt, chosen, rejected) token ids, and the gold reward gap where the file has one
+
+
+def load_pairs(path):
+    """Tokenized pairs and, when every record has gold_chosen/gold_rejected (the built-in world's
+    true rewards), gold_gap = gold_chosen - gold_rejected per pair, else None."""
+    records = read_jsonl(path, 'prefs')
+    gold = None
+    if all('gold_chosen' in r and 'gold_rejected' in r for r in records):
+        gold = torch.tensor([float(r['gold_chosen']) - float(r['gold_rejected']) for r in records])
+    return tokenize_prefs(records, enc, block_size, path), gold
+
+
+train, _ = load_pairs(train_file)
+val, val_gold = load_pairs(val_file)
+if train_subset:
+    train = train[:train_subset]
+check(len(train) >= batch_size, f"{train_file}: {len(train)} pairs, fewer than one batch of {batch_size}")
+max_steps = max_steps or len(train) // batch_size
+if master:
+    print(f"data: {len(train)} train and {len(val)} val pairs; {max_steps} steps of {batch_size} pairs, "
+          f"{batch_size // (micro_batch_size * world_size)} micro-batches of {micro_batch_size} x {world_size} processes")
+
+
+def collate_pairs(pairs):
+    """One batch of 2B rows, [chosen rows; rejected rows], right-padded; lengths (2B,)."""
+    seq, _, lengths = collate([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], enc.eot_token, device)
+    return seq, lengths
+
+
+def pair_stats(chosen, rejected):
+    """Sums over pairs (float64): loss, correct (strict >: a tie is not a win), margin, chosen, rejected, count."""
+    delta = (chosen - rejected).double()
+    return torch.stack([-F.logsigmoid(delta).sum(), (delta > 0).sum(), delta.sum(),
+                        chosen.double().sum(), rejected.double().sum(), torch.tensor(float(len(delta)), device=delta.device)])
+
+
+@torch.no_grad()
+def evaluate(pairs, gold_gap, max_batches):
+    """Loss, accuracy, mean margin on the first max_batches micro-batches of pairs (0: all); with
+    gold_gap also the accuracy against the gold ordering, pairs of equal gold reward left out."""
+    model.eval()
+    sums, gold_sums = torch.zeros(6, device=device, dtype=torch.float64), torch.zeros(2, device=device, dtype=torch.float64)
+    stop = len(pairs) if max_batches == 0 else min(len(pairs), max_batches * micro_batch_size * world_size)
+    for i in range(rank * micro_batch_size, stop, micro_batch_size * world_size):
+        batch = pairs[i:min(i + micro_batch_size, stop)]
+        seq, lengths = collate_pairs(batch)
+        with ctx:
+            chosen, rejected = last_token_rewards(model, seq, lengths).float().split(len(batch))
+        sums += pair_stats(chosen, rejected)
+        if gold_gap is not None:
+            gap = gold_gap[i:i + len(batch)].to(device)
+            gold_sums += torch.stack([((chosen - rejected) * gap > 0).sum(), (gap != 0).sum()]).double()
+    model.train()
+    loss, correct, margin, _, _, n = (all_reduce_mean(sums, ddp) * world_size).tolist()
+    out = {'loss': loss / n, 'accuracy': correct / n, 'margin': margin / n}
+    if gold_gap is not None:
+        gold_correct, gold_n = (all_reduce_mean(gold_sums, ddp) * world_size).tolist()
+        out['gold_accuracy'] = gold_correct / max(gold_n, 1)
+    return out
+
+
+def fmt(metrics):
+    return ', '.join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def save(path, step, optimizer, **extra):
+    save_checkpoint(path, model, optimizer, model_args, config, 'rm', step, best_val=best_val, **extra)
+
+
+# -----------------------------------------------------------------------------
+# training loop
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+log = open(os.path.join(out_dir, 'log.jsonl'), 'a') if master else None
+model.train()
+t0, tokens_seen, train_metrics = time.time(), 0, {}
+bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, disable=not master, desc='rm', mininterval=1.0)
+for step in bar:
+    torch.manual_seed(seed + 100_003 * step + rank)  # dropout masks from (seed, step, rank): a resume under DDP is exact too
+    lr = get_lr(step, learning_rate, warmup_steps, max_steps, min_lr_ratio)
+    if step % eval_interval == 0 or step == max_steps - 1:
+        val_metrics = evaluate(val, val_gold, eval_batches)
+        if master:
+            improved = val_metrics['loss'] < best_val
+            best_val = min(best_val, val_metrics['loss'])
+            if math.isfinite(val_metrics['loss']):  # weights that give a NaN/inf loss are never the state to resume from
+                save(ckpt_path, step, optimizer)  # the latest state, to resume from
+            if improved:
+                save(best_path, step, None)
+            tqdm.write(f"step {step}: val {fmt(val_metrics)}{' (best)' if improved else ''}, lr {lr:.2e}")
+            log.write(json.dumps({'step': step, **{f'val/{k}': v for k, v in val_metrics.items()}}) + '\n')
+
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    # this process's share of the global batch of pairs, split into micro-batches
+    idx = batch_indices(len(train), batch_size, step, seed, rank, world_size)
+    sums = torch.zeros(6, device=device, dtype=torch.float64)
+    for k in range(0, len(idx), micro_batch_size):
+        batch = [train[j] for j in idx[k:k + micro_batch_size]]
+        seq, lengths = collate_pairs(batch)
+        if ddp:  # sync gradients only on the last micro-batch
+            train_model.require_backward_grad_sync = k + micro_batch_size >= len(idx)
+        with ctx:
+            chosen, rejected = last_token_rewards(train_model, seq, lengths).float().split(len(batch))
+            # the micro-batch's share of the global batch mean: the pieces add up to L_RM of the batch
+            loss = bradley_terry_loss(chosen, rejected) * len(batch) / batch_size
+        # DDP averages gradients over processes; the loss is already normalised by the global batch
+        (loss * world_size).backward()
+        sums += pair_stats(chosen.detach(), rejected.detach())
+        tokens_seen += seq.numel()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
+    loss_sum, correct, margin, chosen_sum, rejected_sum, n = (all_reduce_mean(sums, ddp) * world_size).tolist()
+    train_metrics = {'loss': loss_sum / n, 'accuracy': correct / n, 'margin': margin / n,
+                     'chosen': chosen_sum / n, 'rejected': rejected_sum / n}
+    if not check_finite(train_metrics['loss'], grad_norm, step, ckpt_path, skip_nonfinite):
+        optimizer.zero_grad(set_to_none=True)
+        continue
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if master:
+        bar.set_postfix(loss=f"{train_metrics['loss']:.4f}", acc=f"{train_metrics['accuracy']:.3f}", lr=f"{lr:.2e}")
+        log.write(json.dumps({'step': step, **{f'train/{k}': v for k, v in train_metrics.items()}, 'lr': lr}) + '\n')
+        log.flush()  # whole lines only: a run killed at any moment leaves a log that a resume can append to
+if master:
+    save(ckpt_path, max_steps, optimizer)
+    log.flush()
+dt = time.time() - t0
+
+# -----------------------------------------------------------------------------
+# the end: the best weights, scored on the held-out pairs, centred on the demonstrations
+if ddp:
+    torch.distributed.barrier()  # best.pt is written by rank 0
+best = load_checkpoint(best_path, stage='rm')
+model.load_state_dict(best['model'])
+final = {'val': evaluate(val, val_gold, 0)}
+if test_file:
+    final['test'] = evaluate(*load_pairs(test_file), 0)
+if master:
+    demos = tokenize_sft(read_jsonl(sft_train_file, 'sft'), enc, block_size, sft_train_file)[:norm_examples]
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(demos), 2 * micro_batch_size):
+            seq, _, lengths = collate(demos[i:i + 2 * micro_batch_size], enc.eot_token, device)
+            with ctx:
+                total += last_token_rewards(model, seq, lengths).double().sum().item()
+    mean_reward = total / len(demos)
+    with torch.no_grad():
+        model.scalar_head.bias -= mean_reward  # a constant shift: every preference probability is unchanged
+    reward_offset = best.get('reward_offset', 0.0) + mean_reward  # raw reward = r + reward_offset
+    save(best_path, best['step'], None, reward_offset=reward_offset)
+    for split, metrics in final.items():
+        print(f"{split}: {fmt(metrics)}")
+        log.write(json.dumps({'step': max_steps, **{f'{split}/{k}': v for k, v in metrics.items()}}) + '\n')
+    print(f"done: {max_steps} steps, final train loss {train_metrics.get('loss', float('nan')):.4f}, "
+          f"train accuracy {train_metrics.get('accuracy', float('nan')):.3f}, best val loss {best_val:.4f}, "
+          f"val accuracy {final['val']['accuracy']:.4f}, {dt:.0f} s ({tokens_seen * world_size / max(dt, 1e-9):.0f} tokens/s); "
+          f"rewards centred on {len(demos)} demonstrations (reward_offset {reward_offset:+.4f}) in {best_path}")
+    log.close()
+if ddp:
+    torch.distributed.destroy_process_group()
