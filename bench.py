@@ -1,0 +1,337 @@
+"""
+Time each stage's steady-state step in isolation, on synthetic data of fixed shapes (nanoGPT's
+bench.py, for RLHF): the SFT step, the reward-model step, the DPO step (reference log-probs online
+and precomputed) and one PPO iteration, split into rollout (policy.generate), scoring (reference,
+reward and value forwards, rewards, GAE) and update, at 1 epoch x 1 minibatch, 4 x 1 (TRL's
+default) and 4 x 2. Each step runs what the training scripts run: the same model calls, and the
+losses and PPO math imported from train_*.py (their source above the config banner).
+
+Every sequence is exactly prompt_len + response_len tokens, and a PPO response is exactly
+response_len new tokens: generate gets eos_id=-1, a token that can never be sampled. So the
+figures compare with ../shared/peers (TRL's trainers on the same shapes). Per row: seconds per
+step (the median of the timed steps after warmup), tokens/s, peak memory (peak RSS of the process
+during the stage on a CPU, torch.cuda.max_memory_allocated on a GPU) and MFU: model FLOPs (PaLM
+appendix B: 6 x params + attention per token for forward + backward, a forward-only pass a third
+of that, the vocabulary head counted only at the positions where it runs) over the peak FLOP/s,
+measured at start-up with a large matmul in the benchmark's dtype unless peak_flops is given.
+
+    python bench.py                             # tiny preset: fp32 on the CPU, 2 threads
+    python bench.py --preset=gpt2               # GPT-2 124M shape, bf16 autocast, on a GPU
+    python bench.py --stages=sft,dpo --steps=20 --compile=True
+"""
+import gc
+import os
+import resource
+import statistics
+import time
+from types import SimpleNamespace
+
+import torch
+
+from common import default_device, setup
+from configurator import check, configure
+from loaders import collate
+from model import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PRESETS = {  # what a 0 or '' below stands for
+    'tiny': dict(n_layer=4, n_head=4, n_embd=128, vocab_size=8192, batch_size=16, prompt_len=32, response_len=32,
+                 dtype='float32'),
+    'gpt2': dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, batch_size=16, prompt_len=256,
+                 response_len=256, dtype='bfloat16'),
+}
+
+
+def script_functions(name):
+    """The pure functions of a train_*.py script: its source above the '# default config values' banner."""
+    path = os.path.join(ROOT, name)
+    with open(path) as f:
+        head = f.read().split('\n# default config values')[0]
+    ns = {'__name__': name}
+    exec(compile(head, path, 'exec'), ns)
+    return SimpleNamespace(**ns)
+
+
+sft_fns, rm_fns = script_functions('train_sft.py'), script_functions('train_reward_model.py')
+dpo_fns, ppo_fns = script_functions('train_dpo.py'), script_functions('train_ppo.py')
+
+# -----------------------------------------------------------------------------
+# default config values
+preset = 'tiny'                 # 'tiny' (CPU, fp32) | 'gpt2' (GPT-2 124M shape, bf16, for a GPU)
+stages = 'sft,rm,dpo,ppo'       # stages to time, comma-separated
+steps = 10                      # timed steps per row (the median is reported)
+warmup = 3                      # untimed steps before them
+n_layer = 0                     # transformer blocks (0: the preset's, as every 0 and '' below)
+n_head = 0                      # attention heads
+n_embd = 0                      # width
+vocab_size = 0                  # vocabulary
+batch_size = 0                  # sequences per step (RM and DPO: pairs; PPO: prompts)
+prompt_len = 0                  # prompt tokens of every sequence
+response_len = 0                # response tokens of every sequence (PPO: new tokens sampled)
+dtype = ''                      # 'float32' | 'bfloat16' | 'float16' (autocast)
+device = default_device()       # 'cpu' | 'cuda' | 'cuda:1' ...
+threads = 2                     # torch threads on a CPU (0: torch's default)
+compile = False                 # torch.compile the training forward passes, as the scripts' compile=True
+peak_flops = 0.0                # the device's peak FLOP/s for MFU (0: measure it with a large matmul)
+seed = 1337                     # seeds the synthetic data and the weights
+# -----------------------------------------------------------------------------
+config = configure(globals())
+check(preset in PRESETS, f"preset must be one of {list(PRESETS)}, got {preset!r}")
+globals().update({k: v for k, v in PRESETS[preset].items() if not config[k]})
+check(steps > 0 and warmup >= 0 and threads >= 0 and peak_flops >= 0, "need steps > 0, warmup, threads, peak_flops >= 0")
+check(batch_size % 2 == 0 and prompt_len > 0 and response_len > 1, "need an even batch_size, prompt_len > 0, response_len > 1")
+check(not set(stages.split(',')) - {'sft', 'rm', 'dpo', 'ppo'}, f"unknown stage in {stages!r} (sft, rm, dpo, ppo)")
+
+if threads and 'cuda' not in device:
+    torch.set_num_threads(threads)
+_, _, _, device, ctx = setup(device, dtype, seed)
+device_type = 'cuda' if 'cuda' in device else 'cpu'
+B, P, R, T = batch_size, prompt_len, response_len, prompt_len + response_len
+EOT = vocab_size - 1  # the end-of-text id, as in get_tokenizer; every response ends with it
+
+# -----------------------------------------------------------------------------
+# timing, memory, FLOPs
+
+
+def clock():
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def run(step):
+    """Call step() warmup + steps times; it returns clock() marks (start, end of phase 1, ...).
+    Returns the median seconds of each phase over the timed steps, and of the whole step last."""
+    marks = [step() for _ in range(warmup + steps)][warmup:]
+    phases = [statistics.median(m[i + 1] - m[i] for m in marks) for i in range(len(marks[0]) - 1)]
+    return phases + [statistics.median(m[-1] - m[0] for m in marks)]
+
+
+def reset_peak_memory():
+    gc.collect()
+    if device_type == 'cuda':
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:
+            with open('/proc/self/clear_refs', 'w') as f:
+                f.write('5')  # Linux: the peak RSS (VmHWM) starts again from the current RSS
+        except OSError:
+            pass  # elsewhere the peak is the process's since start-up
+
+
+def peak_memory():
+    """Bytes: the peak CUDA allocation, or the process's peak RSS since reset_peak_memory."""
+    if device_type == 'cuda':
+        return torch.cuda.max_memory_allocated()
+    try:
+        with open('/proc/self/status') as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmHWM:'))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def flops(model, n_tokens, ctx_len, head_rows, passes=3):
+    """Model FLOPs of n_tokens tokens that each attend to ctx_len positions, the vocabulary head run at
+    head_rows of them (none for a scalar head); passes=3: forward + backward, 1: forward only."""
+    head = 6 * model.config.vocab_size * model.config.n_embd
+    return passes / 3 * ((model.flops_per_token(ctx_len) - head) * n_tokens + head * head_rows)
+
+
+def measure_peak_flops():
+    """The best FLOP/s of a large square matmul in the benchmark's dtype: the roof for MFU."""
+    n, reps = (8192, 20) if device_type == 'cuda' else (2048, 2)
+    mm_dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    a, b = (torch.randn(n, n, device=device, dtype=mm_dtype) for _ in range(2))
+    best = float('inf')
+    for _ in range(6):  # the first round warms up
+        t0 = clock()
+        for _ in range(reps):
+            a @ b
+        best = min(best, (clock() - t0) / reps)
+    return 2 * n ** 3 / best, f'measured: the best of 5 x {reps} {n}x{n} {dtype} matmuls'
+
+
+# -----------------------------------------------------------------------------
+# synthetic data: random token ids (never EOT inside a text); every response ends with EOT
+gen = torch.Generator().manual_seed(seed)
+
+
+def text(n):
+    return torch.randint(0, EOT, (n,), generator=gen).tolist()
+
+
+examples = [(text(P), text(R - 1) + [EOT]) for _ in range(B)]                   # SFT
+pairs = [(text(P), text(R - 1) + [EOT], text(R - 1) + [EOT]) for _ in range(B)]  # RM, DPO
+prompts = [text(P) for _ in range(B)]                                             # PPO
+
+
+def new_model(scalar_head=False):
+    torch.manual_seed(seed)  # every model starts from the same weights
+    cfg = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=T, vocab_size=vocab_size,
+                    dropout=0.0, bias=True, scalar_head=scalar_head)
+    return GPT(cfg).to(device)
+
+
+def maybe_compile(model):
+    return torch.compile(model) if compile else model
+
+
+def optimizer_step(model, optimizer):
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+# -----------------------------------------------------------------------------
+# the stages: each returns rows (name, seconds per step, tokens per step, FLOPs per step)
+
+
+def bench_sft():
+    model = new_model()
+    optimizer, train_model = model.configure_optimizers(0.1, 2e-3, (0.9, 0.95), device_type), maybe_compile(model)
+
+    def step():
+        t0 = clock()
+        seq, targets, _ = collate(examples, EOT, device)
+        with ctx:
+            logprobs, _ = train_model(seq[:, :-1], targets)
+            loss = sft_fns.sft_loss(logprobs, targets, (targets >= 0).sum().float())
+        loss.backward()
+        optimizer_step(model, optimizer)
+        return t0, clock()
+    return [('sft', run(step)[0], B * T, flops(model, B * (T - 1), T - 1, B * R))]
+
+
+def collate_pairs():
+    """[chosen rows; rejected rows] (2B, T), as train_reward_model.py and train_dpo.py batch them."""
+    return collate([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], EOT, device)
+
+
+def bench_rm():
+    model = new_model(scalar_head=True)
+    optimizer, train_model = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), device_type), maybe_compile(model)
+
+    def step():
+        t0 = clock()
+        seq, _, lengths = collate_pairs()
+        with ctx:
+            chosen, rejected = rm_fns.last_token_rewards(train_model, seq, lengths).float().split(B)
+            loss = rm_fns.bradley_terry_loss(chosen, rejected)
+        loss.backward()
+        optimizer_step(model, optimizer)
+        return t0, clock()
+    return [('rm', run(step)[0], 2 * B * T, flops(model, 2 * B * T, T, 0))]
+
+
+def bench_dpo():
+    model, ref_model = new_model(), new_model().eval().requires_grad_(False)
+    optimizer, train_model = model.configure_optimizers(0.0, 1e-4, (0.9, 0.95), device_type), maybe_compile(model)
+    with torch.no_grad(), ctx:  # the reference log-probs of precompute_ref_logps=True, computed before training
+        seq, targets, _ = collate_pairs()
+        ref_precomputed = dpo_fns.sequence_logps(ref_model, seq, targets).float().split(B)
+
+    def step(precomputed):
+        t0 = clock()
+        seq, targets, _ = collate_pairs()
+        with ctx:
+            chosen, rejected = dpo_fns.sequence_logps(train_model, seq, targets).float().split(B)
+        if precomputed:
+            ref_chosen, ref_rejected = (x.to(device) for x in ref_precomputed)
+        else:
+            with torch.no_grad(), ctx:
+                ref_chosen, ref_rejected = dpo_fns.sequence_logps(ref_model, seq, targets).float().split(B)
+        losses, _, _ = dpo_fns.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.1)
+        (losses.sum() / B).backward()
+        optimizer_step(model, optimizer)
+        return t0, clock()
+    policy_flops = flops(model, 2 * B * (T - 1), T - 1, 2 * B * R)
+    return [('dpo', run(lambda: step(False))[0], 2 * B * T, policy_flops * 4 / 3),  # + the reference's forward
+            ('dpo_ref_precomputed', run(lambda: step(True))[0], 2 * B * T, policy_flops)]
+
+
+def bench_ppo():
+    temperature = 0.7
+    policy, ref_model = new_model(), new_model().eval().requires_grad_(False)
+    reward_model = new_model(scalar_head=True).eval().requires_grad_(False)
+    value_model = new_model(scalar_head=True)
+    params = [p for m in (policy, value_model) for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, eps=1e-5,
+                                  fused=device_type == 'cuda')
+    train_policy, train_value = maybe_compile(policy), maybe_compile(value_model)
+    rows = torch.arange(B, device=device)
+
+    def iteration(epochs, minibatches):
+        """train_ppo.py's loop body, phases 1-5: rollout, score, rewards and GAE, update."""
+        t0 = clock()
+        policy.eval()
+        with torch.no_grad(), ctx:  # eos_id -1: never sampled, so every response is R tokens
+            seq, seq_mask, old_logprobs, response_mask = policy.generate(prompts, R, -1, temperature)
+        policy.train()
+        t1 = clock()
+        assert response_mask.size(1) == R and bool(response_mask.all()), "every response must be R tokens"
+        response_mask = response_mask.float()
+        lengths = response_mask.sum(1).long()
+        ended = seq[rows, P + lengths - 1] == EOT
+        targets = torch.full_like(seq[:, :-1], -1)  # train_ppo's response_targets
+        targets[:, P - 1:] = seq[:, P:].masked_fill(response_mask == 0, -1)
+        with torch.no_grad(), ctx:
+            rm_scores = reward_model(seq, attention_mask=seq_mask)[0][rows, P + lengths - 1]
+            ref_logprobs = ref_model(seq[:, :-1], targets, seq_mask[:, :-1], temperature)[0][:, P - 1:]
+            old_values = value_model(seq[:, :-1], attention_mask=seq_mask[:, :-1])[0][:, P - 1:] * response_mask
+        scores = ppo_fns.reward_scores(rm_scores.float(), ended, -1.0)
+        rewards, _ = ppo_fns.per_token_rewards(scores, old_logprobs, ref_logprobs, response_mask, 0.05)
+        advantages, returns = ppo_fns.gae(rewards, old_values, response_mask, 1.0, 0.95)
+        advantages = ppo_fns.whiten(advantages, response_mask)
+        t2 = clock()
+        for _ in range(epochs):
+            order = torch.randperm(B, device=device)
+            for mb in order.split(B // minibatches):
+                mask = response_mask[mb]
+                with ctx:
+                    # with_entropy=True as in train_ppo.py, which logs the policy's entropy
+                    (new_logprobs, _), _ = train_policy(seq[mb, :-1], targets[mb], seq_mask[mb, :-1], temperature, True)
+                    new_values = train_value(seq[mb, :-1], attention_mask=seq_mask[mb, :-1])[0]
+                pg_loss, _, _, _ = ppo_fns.ppo_policy_loss(new_logprobs[:, P - 1:], old_logprobs[mb], advantages[mb], mask, 0.2)
+                vf_loss, _ = ppo_fns.ppo_value_loss(new_values[:, P - 1:].float(), old_values[mb], returns[mb], mask, 0.2)
+                (pg_loss + 0.1 * vf_loss).backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        return t0, t1, t2, clock()
+
+    gen_flops = flops(policy, B * P, P, B, 1) + sum(flops(policy, B, P + t + 1, B, 1) for t in range(R - 1))
+    score_flops = flops(reward_model, B * T, T, 0, 1) + flops(ref_model, B * (T - 1), T - 1, B * R, 1) + \
+        flops(value_model, B * (T - 1), T - 1, 0, 1)
+    epoch_flops = flops(policy, B * (T - 1), T - 1, B * R) + flops(value_model, B * (T - 1), T - 1, 0)
+    out = []
+    for epochs, minibatches in ((1, 1), (4, 1), (4, 2)):
+        rollout, score, update, total = run(lambda: iteration(epochs, minibatches))
+        name = f'{epochs}x{minibatches}'
+        if epochs == 1:
+            out += [('ppo_rollout', rollout, B * T, gen_flops), ('ppo_score', score, B * T, score_flops)]
+        out += [(f'ppo_update_{name}', update, B * T, epochs * epoch_flops),
+                (f'ppo_iteration_{name}', total, B * T, gen_flops + score_flops + epochs * epoch_flops)]
+    return out
+
+# -----------------------------------------------------------------------------
+# measure and print
+
+
+peak_flops, peak_source = (peak_flops, 'given') if peak_flops else measure_peak_flops()
+n_params = new_model().get_num_params()
+where = torch.cuda.get_device_name(device) if device_type == 'cuda' else f'cpu, {torch.get_num_threads()} threads'
+print(f"bench: preset {preset}, {where}, {dtype}{', compiled' if compile else ''}; GPT {n_layer}L/{n_head}H/{n_embd}d, "
+      f"vocab {vocab_size}, {n_params / 1e6:.2f}M params; batch {B}, prompt {P} + response {R} tokens; "
+      f"{warmup} warmup + {steps} timed steps")
+print(f"peak for MFU: {peak_flops / 1e9:.1f} GFLOP/s ({peak_source})")
+if device_type == 'cpu':
+    print(f"RSS before the stages: {peak_memory() / 2**20:.0f} MiB (peak MiB below: the process's peak RSS in each stage)")
+table = []
+for stage in stages.split(','):
+    reset_peak_memory()
+    rows = {'sft': bench_sft, 'rm': bench_rm, 'dpo': bench_dpo, 'ppo': bench_ppo}[stage]()
+    mem = peak_memory()
+    table += [(name, sec, tokens, flop, mem) for name, sec, tokens, flop in rows]
+print(f"{'stage':<22} {'s/step':>9} {'tokens/step':>12} {'tokens/s':>10} {'peak MiB':>9} {'MFU':>7}")
+for name, sec, tokens, flop, mem in table:
+    print(f"{name:<22} {sec:>9.4f} {tokens:>12} {tokens / sec:>10.0f} {mem / 2**20:>9.0f} {100 * flop / sec / peak_flops:>6.2f}%")

@@ -1,0 +1,26 @@
+"""bench.py end to end on a very small model: a row per stage, every figure finite and positive.
+Not a timing test: the numbers themselves depend on the machine and its load."""
+import math
+
+from scripts import run_script
+
+ROWS = ['sft', 'rm', 'dpo', 'dpo_ref_precomputed', 'ppo_rollout', 'ppo_score',
+        'ppo_update_1x1', 'ppo_iteration_1x1', 'ppo_update_4x1', 'ppo_iteration_4x1',
+        'ppo_update_4x2', 'ppo_iteration_4x2']
+
+
+def test_bench_prints_a_row_per_stage():
+    p = run_script('bench.py', '--steps=1', '--warmup=0', '--n_layer=1', '--n_head=2', '--n_embd=32',
+                   '--vocab_size=512', '--batch_size=4', '--prompt_len=8', '--response_len=8', '--threads=1',
+                   timeout=300)
+    lines = p.stdout.splitlines()
+    assert any(line.startswith('peak for MFU:') and 'measured' in line for line in lines), p.stdout
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ['stage', 's/step'])
+    table = {line.split()[0]: line.split()[1:] for line in lines[header + 1:] if line.strip()}
+    assert list(table) == ROWS, p.stdout
+    for name, cells in table.items():
+        sec, tokens, tokens_per_s, mem, mfu = cells
+        assert mfu.endswith('%'), (name, cells)
+        numbers = [float(sec), int(tokens), float(tokens_per_s), float(mem), float(mfu[:-1])]
+        assert all(math.isfinite(x) and x > 0 for x in numbers), (name, cells)
+        assert int(tokens) == 4 * 16 * (2 if name in ('rm', 'dpo', 'dpo_ref_precomputed') else 1), (name, cells)
