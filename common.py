@@ -196,6 +196,17 @@ def setup(device, dtype, seed):
     return ddp, rank, world_size, device, ctx
 
 
+def wrap_for_training(model, compile, ddp, device):
+    """The module the training passes go through: compiled if asked, inside DDP under torchrun.
+    Checkpoints still save the plain model (see unwrap)."""
+    if compile:
+        model = torch.compile(model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[torch.device(device).index] if device.startswith('cuda') else None)
+    return model
+
+
 def default_device():
     return 'cuda' if torch.cuda.is_available() else 'cpu'
 

@@ -35,11 +35,10 @@ import sys
 import time
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (all_reduce_mean, check_finite, decode_response, default_device, default_dtype, get_tokenizer,
-                    model_from_checkpoint, require_checkpoint, restore_rng, save_checkpoint, setup)
+                    model_from_checkpoint, require_checkpoint, restore_rng, save_checkpoint, setup, wrap_for_training)
 from configurator import check, configure
 from loaders import batch_indices, read_jsonl, tokenize_prompts
 
@@ -215,11 +214,9 @@ if init_from == 'resume':
     optimizer.load_state_dict(ckpt['optimizer'])
     restore_rng(ckpt)
     del ckpt
-train_policy = torch.compile(policy) if compile else policy
-train_value = torch.compile(value_model) if compile else value_model
-if ddp:
-    ids = [int(device.split(':')[1])] if device_type == 'cuda' else None
-    train_policy, train_value = DDP(train_policy, device_ids=ids), DDP(train_value, device_ids=ids)
+# what the training passes go through (compiled and/or DDP); policy and value_model stay plain GPTs
+train_policy = wrap_for_training(policy, compile, ddp, device)
+train_value = wrap_for_training(value_model, compile, ddp, device)
 enc = get_tokenizer(model_args['vocab_size'])
 judge = None
 if gold_judge == 'tinyhh':

@@ -29,11 +29,11 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (all_reduce_mean, check_finite, default_device, default_dtype, get_lr, get_tokenizer,
-                    load_checkpoint, model_from_checkpoint, require_checkpoint, restore_rng, save_checkpoint, setup)
+                    load_checkpoint, model_from_checkpoint, require_checkpoint, restore_rng, save_checkpoint, setup,
+                    wrap_for_training)
 from configurator import check, configure
 from loaders import batch_indices, collate, read_jsonl, tokenize_prefs, tokenize_sft
 
@@ -122,9 +122,7 @@ if init_from == 'resume':
 del ckpt
 if master:
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, vocabulary {model_args['vocab_size']}")
-train_model = torch.compile(model) if compile else model
-if ddp:
-    train_model = DDP(train_model, device_ids=[int(device.split(':')[1])] if device_type == 'cuda' else None)
+train_model = wrap_for_training(model, compile, ddp, device)  # compiled and/or DDP; model stays the plain GPT
 
 # -----------------------------------------------------------------------------
 # data: (prompt, chosen, rejected) token ids, and the gold reward gap where the file has one
