@@ -10,8 +10,9 @@ starts at 0) read at the LAST real token of prompt + response: the <|endoftext|>
 response, the only position that has seen all of it. Chosen and rejected rows go through the model
 in one forward pass, stacked as [chosen rows; rejected rows].
 
-The loss depends on reward differences only, so the reward's zero is free. At the end the best
-weights (lowest validation loss) are centred: the mean reward over sft_train_file's demonstrations
+The loss depends on reward differences only, so the reward's zero is free. One epoch is the usual
+schedule (a second one overfits the noisy labels), and its final weights are the reward model; at
+the end they are centred: the mean reward over sft_train_file's demonstrations
 is subtracted from the scalar head's bias, so r = 0 is "as good as a demonstration" and PPO starts
 near reward 0. best.pt also stores that mean as reward_offset: the raw reward (before centring) is
 r + reward_offset; nothing downstream needs it. ckpt.pt (the latest state, to resume) is never
@@ -55,11 +56,11 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards):
 
 # -----------------------------------------------------------------------------
 # default config values: the built-in world (data/tinyhh), the tiny SFT model, on a CPU
-out_dir = 'out/rm'                            # checkpoints: ckpt.pt (latest, to resume) and best.pt (centred, for PPO)
+out_dir = 'out/rm'                            # checkpoints: ckpt.pt (latest, to resume) and best.pt (the reward model, centred, for PPO)
 sft_ckpt = 'out/sft/best.pt'                  # the SFT model the reward model starts from
 train_file = 'data/tinyhh/prefs_train.jsonl'  # {"prompt", "chosen", "rejected"} per line
 val_file = 'data/tinyhh/prefs_val.jsonl'      # held-out pairs: validation loss and accuracy each eval
-test_file = 'data/tinyhh/prefs_test.jsonl'    # pairs scored once at the end with the best weights ('': none)
+test_file = 'data/tinyhh/prefs_test.jsonl'    # pairs scored once at the end with best.pt's weights ('': none)
 sft_train_file = 'data/tinyhh/sft_train.jsonl'  # demonstrations the final rewards are centred on
 norm_examples = 2048                          # how many of those demonstrations (the first N)
 train_subset = 0                              # use only the first N training pairs (0: all; 64: an overfit check)
@@ -70,6 +71,7 @@ dropout = 0.0                                 # dropout in the model
 batch_size = 32                               # preference pairs per optimizer step, summed over all processes
 micro_batch_size = 32                         # pairs per forward pass per process (2x rows: chosen and rejected)
 max_steps = 0                                 # optimizer steps (0: one epoch, the usual choice for a reward model)
+select_best = False                           # best.pt: the final weights (False) or those of the lowest val loss (True)
 learning_rate = 3e-4                          # peak learning rate (1e-3 fits the noisy labels as well but orders the gold worse)
 min_lr_ratio = 0.1                            # final learning rate as a fraction of the peak
 warmup_steps = 20                             # linear warmup steps
@@ -81,6 +83,7 @@ skip_nonfinite = False                        # on a NaN/inf loss or gradient: s
 # evaluation, logging, checkpoints
 eval_interval = 100                           # steps between validation evals (and checkpoints)
 eval_batches = 16                             # micro-batches per validation eval (0: all of val_file)
+gold_tie_margin = 0.1                         # gold_accuracy_clear counts only pairs whose gold gap is at least this
 seed = 1337                                   # seeds the data order
 # system
 device = default_device()                     # 'cpu' | 'cuda' | 'cuda:1' ...
@@ -165,9 +168,12 @@ def pair_stats(chosen, rejected):
 @torch.no_grad()
 def evaluate(pairs, gold_gap, max_batches):
     """Loss, accuracy, mean margin on the first max_batches micro-batches of pairs (0: all); with
-    gold_gap also the accuracy against the gold ordering, pairs of equal gold reward left out."""
+    gold_gap also the accuracy against the gold ordering, pairs of equal gold reward left out, and
+    gold_accuracy_clear: the same on pairs whose gold gap is at least gold_tie_margin. (In the built-in
+    world a quarter of the pairs are two answers of one style that differ by a few words of length,
+    a gold gap under 0.02 on which the rater is a coin flip: their labels hardly carry a signal.)"""
     model.eval()
-    sums, gold_sums = torch.zeros(6, device=device, dtype=torch.float64), torch.zeros(2, device=device, dtype=torch.float64)
+    sums, gold_sums = torch.zeros(6, device=device, dtype=torch.float64), torch.zeros(4, device=device, dtype=torch.float64)
     stop = len(pairs) if max_batches == 0 else min(len(pairs), max_batches * micro_batch_size * world_size)
     for i in range(rank * micro_batch_size, stop, micro_batch_size * world_size):
         batch = pairs[i:min(i + micro_batch_size, stop)]
@@ -177,13 +183,15 @@ def evaluate(pairs, gold_gap, max_batches):
         sums += pair_stats(chosen, rejected)
         if gold_gap is not None:
             gap = gold_gap[i:i + len(batch)].to(device)
-            gold_sums += torch.stack([((chosen - rejected) * gap > 0).sum(), (gap != 0).sum()]).double()
+            right, clear = (chosen - rejected) * gap > 0, gap.abs() >= gold_tie_margin
+            gold_sums += torch.stack([right.sum(), (gap != 0).sum(), (right & clear).sum(), clear.sum()]).double()
     model.train()
     loss, correct, margin, _, _, n = (all_reduce_mean(sums, ddp) * world_size).tolist()
     out = {'loss': loss / n, 'accuracy': correct / n, 'margin': margin / n}
     if gold_gap is not None:
-        gold_correct, gold_n = (all_reduce_mean(gold_sums, ddp) * world_size).tolist()
+        gold_correct, gold_n, clear_correct, clear_n = (all_reduce_mean(gold_sums, ddp) * world_size).tolist()
         out['gold_accuracy'] = gold_correct / max(gold_n, 1)
+        out['gold_accuracy_clear'] = clear_correct / max(clear_n, 1)
     return out
 
 
@@ -213,7 +221,7 @@ for step in bar:
             best_val = min(best_val, val_metrics['loss'])
             if math.isfinite(val_metrics['loss']):  # weights that give a NaN/inf loss are never the state to resume from
                 save(ckpt_path, step, optimizer)  # the latest state, to resume from
-            if improved:
+            if improved and select_best:
                 save(best_path, step, None)
             tqdm.write(f"step {step}: val {fmt(val_metrics)}{' (best)' if improved else ''}, lr {lr:.2e}")
             log.write(json.dumps({'step': step, **{f'val/{k}': v for k, v in val_metrics.items()}}) + '\n')
@@ -251,11 +259,13 @@ for step in bar:
         log.flush()  # whole lines only: a run killed at any moment leaves a log that a resume can append to
 if master:
     save(ckpt_path, max_steps, optimizer)
+    if not select_best:
+        save(best_path, max_steps, None)
     log.flush()
 dt = time.time() - t0
 
 # -----------------------------------------------------------------------------
-# the end: the best weights, scored on the held-out pairs, centred on the demonstrations
+# the end: best.pt's weights, scored on the held-out pairs, centred on the demonstrations
 if ddp:
     torch.distributed.barrier()  # best.pt is written by rank 0
 best = load_checkpoint(best_path, stage='rm')

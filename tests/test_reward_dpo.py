@@ -206,7 +206,8 @@ WORDS = ('apple river stone cloud green quick lazy happy blue music window garde
 
 @pytest.fixture(scope='module')
 def world(tmp_path_factory):
-    """64 SFT demonstrations and 64 preference pairs of random words, and a tiny random SFT checkpoint."""
+    """64 SFT demonstrations and 64 preference pairs of random words, and a tiny random SFT checkpoint.
+    The last 16 pairs are labelled against a small gold gap (-0.05, a near-tie the rater got wrong)."""
     d = tmp_path_factory.mktemp('tiny')
     rng = random.Random(0)
 
@@ -218,7 +219,8 @@ def world(tmp_path_factory):
     with open(d / 'prefs.jsonl', 'w') as f:
         for i in range(64):
             f.write(json.dumps({'prompt': f'Tell me about {words(3)}', 'chosen': words(rng.randint(2, 6)),
-                                'rejected': words(rng.randint(2, 6)) + ' x', 'gold_chosen': 1.0, 'gold_rejected': 0.0}) + '\n')
+                                'rejected': words(rng.randint(2, 6)) + ' x', 'gold_chosen': 1.0 if i < 48 else 0.0,
+                                'gold_rejected': 0.0 if i < 48 else 0.05}) + '\n')
     torch.manual_seed(0)
     save_checkpoint(str(d / 'sft.pt'), GPT(GPTConfig(**TINY)), None, TINY, {}, 'sft', 0)
     return d
@@ -248,11 +250,14 @@ def test_reward_model_overfits_64_pairs(world):
     train = [row for row in log if 'train/loss' in row]
     assert math.isclose(train[0]['train/loss'], LN2, rel_tol=1e-6)  # zero-initialised head: every reward 0
     assert train[-1]['train/loss'] < 0.1 and train[-1]['train/accuracy'] == 1.0, train[-1]
-    assert log[-1]['val/accuracy'] == 1.0 and log[-1]['val/gold_accuracy'] == 1.0  # all 64 pairs, at the end
+    # all 64 pairs fit, at the end; against gold that is 48 of 64, and all 48 pairs with a clear gold gap
+    assert log[-1]['val/accuracy'] == 1.0 and log[-1]['val/gold_accuracy'] == 0.75
+    assert log[-1]['val/gold_accuracy_clear'] == 1.0
     assert 'done:' in p.stdout and 'train accuracy 1.000' in p.stdout
     # best.pt is centred: the mean reward over the demonstrations is 0, and the offset is stored
     ckpt = torch.load(world / 'rm' / 'best.pt', weights_only=True)
     assert ckpt['stage'] == 'rm' and ckpt['model_args']['scalar_head'] and ckpt['reward_offset'] != 0
+    assert ckpt['step'] == 40  # the final weights (select_best=False)
     model = GPT(GPTConfig(**ckpt['model_args'])).eval()
     model.load_state_dict(ckpt['model'])
     enc = get_tokenizer(512)
@@ -260,6 +265,17 @@ def test_reward_model_overfits_64_pairs(world):
     seq, _, lengths = collate(demos, enc.eot_token)
     with torch.no_grad():
         assert abs(rm.last_token_rewards(model, seq, lengths).mean().item()) < 1e-4
+
+
+def test_reward_model_select_best_keeps_the_lowest_val_loss(world):
+    run_script('train_reward_model.py', *SYSTEM, f'--sft_ckpt={world}/sft.pt', f'--train_file={world}/prefs.jsonl',
+               f'--val_file={world}/prefs.jsonl', '--test_file=', f'--sft_train_file={world}/sft.jsonl',
+               f'--out_dir={world}/rm_best', '--train_subset=64', '--batch_size=32', '--micro_batch_size=16',
+               '--max_steps=30', '--learning_rate=3e-2', '--warmup_steps=2', '--eval_interval=3', '--select_best=True',
+               env=ONE_THREAD)
+    evals = [row for row in read_log(world / 'rm_best' / 'log.jsonl') if 'val/loss' in row][:-1]  # [-1]: the final eval
+    best = min(evals, key=lambda row: row['val/loss'])
+    assert torch.load(world / 'rm_best' / 'best.pt', weights_only=True)['step'] == best['step']
 
 
 DPO_ARGS = [*SYSTEM, '--train_subset=64', '--beta=0.5', '--batch_size=32', '--micro_batch_size=16', '--max_steps=25',
