@@ -107,16 +107,23 @@ class LinearLogprobs(torch.autograd.Function):
         logits = h @ weight.t()  # (N, V): the one big tensor
         if temperature != 1.0:
             logits.div_(temperature)
-        lse = torch.empty(logits.size(0), device=logits.device, dtype=torch.float32)
-        entropy = torch.empty_like(lse) if with_entropy else None
+        logp = logits.gather(1, targets[:, None]).squeeze(1).float()  # z[target], then minus logsumexp(z)
+        sums = torch.empty_like(logp)  # sum exp(z - max) per row
+        entropy = torch.empty_like(logp) if with_entropy else None
         for i in range(0, logits.size(0), 1024):  # chunks keep float32 temporaries small
-            z = logits[i:i + 1024].float()
-            lse[i:i + 1024] = torch.logsumexp(z, dim=-1)
-            if with_entropy:
-                p = torch.softmax(z, dim=-1)
-                entropy[i:i + 1024] = lse[i:i + 1024] - (p * z).sum(-1)
-        logp = logits.gather(1, targets[:, None]).squeeze(1).float() - lse
-        ctx.save_for_backward(h, weight, targets, lse, logits)
+            chunk = logits[i:i + 1024]
+            m = chunk.amax(-1).float()
+            z = chunk.float().sub_(m[:, None])  # z - max: in place when the logits are float32
+            e = z.exp() if with_entropy else z.exp_()  # exp(z - max)
+            s = e.sum(-1)
+            sums[i:i + 1024] = s
+            logp[i:i + 1024] -= m + s.log()
+            if with_entropy:  # H = logsumexp(z) - sum p z = log s - sum e (z - max) / s
+                entropy[i:i + 1024] = s.log() - (e * z).sum(-1) / s
+            if e.data_ptr() != chunk.data_ptr():
+                chunk.copy_(e)
+        # the logits now hold exp(z - max): the backward needs only these and the row sums
+        ctx.save_for_backward(h, weight, targets, sums, logits)
         ctx.temperature = temperature
         if with_entropy:
             ctx.mark_non_differentiable(entropy)
@@ -125,16 +132,14 @@ class LinearLogprobs(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type='cuda')
     def backward(ctx, grad_logp, grad_entropy):
-        h, weight, targets, lse, logits = ctx.saved_tensors
-        # d logp / d z = onehot(target) - softmax(z), so grad_z = g * (onehot - p), written into logits
-        for i in range(0, logits.size(0), 1024):
-            z = logits[i:i + 1024]
-            z.copy_(torch.exp(z.float() - lse[i:i + 1024, None]) * -grad_logp[i:i + 1024, None])
-        logits.scatter_add_(1, targets[:, None], grad_logp[:, None].to(logits.dtype))
-        if ctx.temperature != 1.0:
-            logits.div_(ctx.temperature)
-        grad_h = logits @ weight.to(logits.dtype) if ctx.needs_input_grad[0] else None
-        grad_w = logits.t() @ h.to(logits.dtype) if ctx.needs_input_grad[1] else None
+        h, weight, targets, sums, e = ctx.saved_tensors
+        # d logp / d z = onehot(target) - softmax(z) with softmax(z) = e / sums, and z = h W^T / temperature:
+        # grad of h W^T = g / temperature * (onehot - e / sums), written into e in place
+        g = grad_logp.float() / ctx.temperature
+        e.mul_((-g / sums)[:, None].to(e.dtype))
+        e.scatter_add_(1, targets[:, None], g[:, None].to(e.dtype))
+        grad_h = e @ weight.to(e.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = e.t() @ h.to(e.dtype) if ctx.needs_input_grad[1] else None
         return grad_h, grad_w, None, None, None
 
 # -----------------------------------------------------------------------------
@@ -296,10 +301,14 @@ class GPT(nn.Module):
             if temperature == 0:
                 token = logits.argmax(-1)
             else:
-                # a draw from probs: argmax of probs / Exp(1) noise (faster than torch.multinomial)
-                probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
-                noise = torch.empty_like(probs).exponential_(generator=generator)
-                token = (probs / noise).argmax(-1)
+                filtered = filter_logits(logits, top_k, top_p)
+                probs = logp_all.exp() if filtered is logits else torch.softmax(filtered, dim=-1)
+                # a draw by inverting the CDF: one uniform number per row (torch.multinomial and the
+                # Exp(1)-noise trick draw V of them, most of a decode step on a CPU). u is in (0, total]
+                # and the first index with cdf >= u has cdf[i-1] < u, so its probability is never 0.
+                cdf = probs.cumsum(-1)
+                u = (1 - torch.rand(B, 1, device=device, generator=generator)) * cdf[:, -1:]
+                token = torch.searchsorted(cdf, u).squeeze(-1)
             token = token.masked_fill(done, eos_id)
             logprobs[:, t] = logp_all.gather(1, token[:, None]).squeeze(1).masked_fill(done, 0.0)
             response_mask[:, t] = ~done

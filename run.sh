@@ -20,8 +20,10 @@ stage() {
     local resume=()
     if [ -f "out/$name/ckpt.pt" ]; then resume=(--init_from=resume); fi
     echo "== $name: python $script $* ${resume[*]}"
+    local t0=$(date +%s)
     python "$script" "$@" "${resume[@]}"
     touch "out/$name/DONE"
+    echo "== $name: finished in $(( $(date +%s) - t0 )) s"
 }
 
 stage sft train_sft.py "$@"

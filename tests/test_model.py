@@ -232,6 +232,25 @@ def test_sampled_logprobs_equal_recomputed(temperature, filters):
     assert (other[:, P - 1:P - 1 + N][on] - logprobs[on]).abs().max().item() > 1e-2
 
 
+@pytest.mark.parametrize('temperature, filters', [(1.0, {}), (0.5, {}), (1.0, dict(top_k=5)), (1.0, dict(top_p=0.8))])
+def test_sampled_tokens_follow_the_distribution(temperature, filters):
+    # 20000 draws of the first token for one prompt: the frequencies match softmax(logits / T)
+    # after filtering, and a filtered-out token is never drawn
+    model = tiny_gpt()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3)  # a peaked distribution: most tokens have a tiny probability
+    prompt, n = random_prompts([5])[0], 20000
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt]))[0][0, -1] / temperature
+        probs = torch.softmax(filter_logits(logits[None], **filters)[0].double(), -1)
+    g = torch.Generator().manual_seed(1)
+    seq, *_ = model.generate([prompt] * n, 1, eos_id=-1, temperature=temperature, generator=g, **filters)
+    freq = torch.bincount(seq[:, -1], minlength=V).double() / n
+    assert (freq[probs == 0] == 0).all()
+    assert ((freq - probs).abs() <= 5 * (probs.clamp(min=1 / n) * (1 - probs) / n).sqrt()).all()  # 5 standard errors
+    assert (probs > 0.01).sum() >= 3  # several likely tokens: a wrong sampler would show
+
+
 def test_response_mask_stops_at_first_eos():
     model = tiny_gpt()
     max_new, eos_id = 20, 7
