@@ -164,7 +164,7 @@ with open(out_json, 'w') as f:
     json.dump({'config': config, 'results': results,
                'samples': {name: texts[:50] for name, (_, texts) in answers.items()}, 'prompts': questions[:50]}, f, indent=1)
 step = max(1, len(questions) // n_samples)
-for i in range(0, step * n_samples, step):
+for i in range(0, min(step * n_samples, len(questions)), step):  # fewer prompts than n_samples: each once
     print(f"\nHuman: {questions[i]}")
     for name, (gold, texts) in answers.items():
         print(f"  {name:>8} [{gold[i]:+.2f}] {texts[i]}")

@@ -11,7 +11,8 @@ one run, from its log.jsonl.
 
 Every run starts from the SFT model and the reward model of the main pipeline (bash run.sh first).
 Each run is a plain call of its script; a run directory with a DONE file is finished and skipped,
-one with only a ckpt.pt is resumed, as in run.sh.
+one with only a ckpt.pt is resumed, as in run.sh. A value equal to the main pipeline's own run
+(kl_coef 0.05 in out/ppo, beta 0.5 in out/dpo) reuses that run rather than training it again.
 """
 import json
 import os
@@ -26,7 +27,10 @@ from configurator import check, configure
 # -----------------------------------------------------------------------------
 # default config values
 kl_coefs = '0,0.02,0.05,0.1,0.3'  # PPO's kl_coef values, comma-separated ('' = no PPO runs)
-betas = '0.03,0.1,0.3,1.0'        # DPO's beta values, comma-separated ('' = no DPO runs)
+betas = '0.1,0.25,0.5,1.0'        # DPO's beta values, comma-separated ('' = no DPO runs)
+reuse = True                      # a value equal to the finished main run's (main_ppo, main_dpo) reuses it, untrained
+main_ppo = 'out/ppo'              # the main pipeline's PPO run
+main_dpo = 'out/dpo'              # the main pipeline's DPO run
 ppo_args = ''                     # extra arguments for every train_ppo.py run, e.g. '--max_iters=100'
 dpo_args = ''                     # extra arguments for every train_dpo.py run
 eval_args = ''                    # extra arguments for eval.py, e.g. '--n_prompts=200'
@@ -58,10 +62,28 @@ def run(cmd):
         sys.exit(f"{shlex.join(cmd)} failed with exit code {rc}; rerun frontier.py to go on (finished runs are skipped)")
 
 
-def train(script, run_dir, value_arg, extra):
-    """One run of the sweep unless it finished before; the sweep's value and out_dir come last, so they win."""
+def main_run_value(main_dir, ckpt_name, key):
+    """The kl_coef / beta of the main pipeline's finished run in main_dir (None if there is none)."""
+    path = os.path.join(main_dir, ckpt_name)
+    if not (reuse and os.path.exists(os.path.join(main_dir, 'DONE')) and os.path.isfile(path)):
+        return None
+    import torch  # only here: plotting alone needs no torch
+    return torch.load(path, map_location='cpu', weights_only=True)['config'].get(key)
+
+
+def train(script, run_dir, value_arg, extra, main_dir, ckpt_name):
+    """One run of the sweep unless it finished before; the sweep's value and out_dir come last, so they win.
+    When extra is empty and the value is the main run's, that run's checkpoint is linked in instead."""
     if os.path.exists(os.path.join(run_dir, 'DONE')):
         print(f"== {run_dir}: done already, skipping")
+        return
+    key, value = value_arg.removeprefix('--').split('=')
+    main_value = None if extra else main_run_value(main_dir, ckpt_name, key)
+    if main_value is not None and float(main_value) == float(value):
+        os.makedirs(run_dir, exist_ok=True)
+        os.symlink(os.path.abspath(os.path.join(main_dir, ckpt_name)), os.path.join(run_dir, ckpt_name))
+        open(os.path.join(run_dir, 'DONE'), 'w').close()
+        print(f"== {run_dir}: the main run's {key} ({main_dir}), reused")
         return
     resume = ['--init_from=resume'] if os.path.exists(os.path.join(run_dir, 'ckpt.pt')) else []
     run([sys.executable, script, *shlex.split(extra), value_arg, f'--out_dir={run_dir}', *resume])
@@ -159,10 +181,10 @@ if not plot_only:
     check(os.path.isfile(sft_ckpt), f"{sft_ckpt} not found: run bash run.sh (SFT and the reward model) first")
     ckpts = [sft_ckpt]
     for v in filter(None, kl_coefs.split(',')):
-        train('train_ppo.py', os.path.join(out_dir, f'ppo_kl{v}'), f'--kl_coef={v}', ppo_args)
+        train('train_ppo.py', os.path.join(out_dir, f'ppo_kl{v}'), f'--kl_coef={v}', ppo_args, main_ppo, 'ckpt.pt')
         ckpts.append(os.path.join(out_dir, f'ppo_kl{v}', 'ckpt.pt'))
     for v in filter(None, betas.split(',')):
-        train('train_dpo.py', os.path.join(out_dir, f'dpo_beta{v}'), f'--beta={v}', dpo_args)
+        train('train_dpo.py', os.path.join(out_dir, f'dpo_beta{v}'), f'--beta={v}', dpo_args, main_dpo, 'best.pt')
         ckpts.append(os.path.join(out_dir, f'dpo_beta{v}', 'best.pt'))  # the best validation loss, as eval.py's default
     run([sys.executable, 'eval.py', *shlex.split(eval_args), f"--ckpts={','.join(ckpts)}",
          f'--baseline={sft_ckpt}', f'--out_json={eval_json}'])

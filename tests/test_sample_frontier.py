@@ -75,6 +75,28 @@ def check_png(path):
     assert data[:8] == PNG_MAGIC and len(data) > 5000
 
 
+def test_frontier_reuses_the_main_runs(tmp_path):
+    # kl_coef 0.05 and beta 0.5 are the main runs' own values: linked in, not trained; then evaluated
+    sft = tiny_lm(tmp_path / 'sft.pt')
+    for name, stage, ckpt, key, value in [('ppo', 'ppo', 'ckpt.pt', 'kl_coef', 0.05), ('dpo', 'dpo', 'best.pt', 'beta', 0.5)]:
+        (tmp_path / name).mkdir()
+        torch.manual_seed(1)
+        save_checkpoint(str(tmp_path / name / ckpt), GPT(GPTConfig(**ARGS)), None, ARGS, {key: value}, stage, 0)
+        (tmp_path / name / 'DONE').touch()
+    out = tmp_path / 'frontier'
+    eval_args = (f"--prompt_file={ROOT}/tests/fixtures/eval_prompts_3.jsonl --rm_ckpt= --crowd_file= "
+                 "--max_new_tokens=4 --device=cpu")
+    p = run_script('frontier.py', '--kl_coefs=0.05', '--betas=0.5', f'--sft_ckpt={sft}', f'--main_ppo={tmp_path}/ppo',
+                   f'--main_dpo={tmp_path}/dpo', f'--out_dir={out}', f'--eval_args={eval_args}', timeout=120)
+    assert 'ppo_kl0.05: the main run' in p.stdout and 'dpo_beta0.5: the main run' in p.stdout
+    assert (out / 'ppo_kl0.05' / 'ckpt.pt').resolve() == (tmp_path / 'ppo' / 'ckpt.pt').resolve()
+    assert (out / 'dpo_beta0.5' / 'best.pt').resolve() == (tmp_path / 'dpo' / 'best.pt').resolve()
+    assert not (out / 'ppo_kl0.05' / 'log.jsonl').exists()  # nothing trained
+    results = json.loads((out / 'eval.json').read_text())['results']
+    assert len(results) == 3  # sft, ppo, dpo
+    check_png(out / 'frontier.png')
+
+
 def test_frontier_plot_only(tmp_path):
     ckpts = ['out/sft/best.pt', 'out/frontier/ppo_kl0/ckpt.pt', 'out/frontier/ppo_kl0.1/ckpt.pt',
              'out/frontier/dpo_beta0.1/best.pt', 'out/frontier/dpo_beta1.0/best.pt']
