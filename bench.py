@@ -256,8 +256,7 @@ def bench_ppo():
     reward_model = new_model(scalar_head=True).eval().requires_grad_(False)
     value_model = new_model(scalar_head=True)
     params = [p for m in (policy, value_model) for p in m.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, eps=1e-5,
-                                  fused=device_type == 'cuda')
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, eps=1e-5, fused=True)
     train_policy, train_value = maybe_compile(policy), maybe_compile(value_model)
     rows = torch.arange(B, device=device)
 

@@ -209,7 +209,7 @@ for m in (ref_model, reward_model):
 policy.train(), value_model.train()  # dropout is 0 in all four: train() changes nothing but intent
 params = [p for m in (policy, value_model) for p in m.parameters()]
 optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.95), weight_decay=weight_decay,
-                              eps=1e-5, fused=device_type == 'cuda')
+                              eps=1e-5, fused=True)
 if init_from == 'resume':
     optimizer.load_state_dict(ckpt['optimizer'])
     restore_rng(ckpt)
