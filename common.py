@@ -196,9 +196,11 @@ def setup(device, dtype, seed):
     return ddp, rank, world_size, device, ctx
 
 
-def wrap_for_training(model, compile, ddp, device):
+def wrap_for_training(model, compile, ddp, device, grad_checkpoint=False):
     """The module the training passes go through: compiled if asked, inside DDP under torchrun.
+    grad_checkpoint: recompute each block's activations in the backward pass (memory for time).
     Checkpoints still save the plain model (see unwrap)."""
+    model.grad_checkpoint = grad_checkpoint
     if compile:
         model = torch.compile(model)
     if ddp:

@@ -161,6 +161,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.scalar_head = nn.Linear(config.n_embd, 1) if config.scalar_head else None
+        self.grad_checkpoint = False  # training: recompute each block in the backward pass (less memory)
         self.apply(self._init_weights)
         for pn, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if pn.endswith('c_proj.weight'):
@@ -200,7 +201,11 @@ class GPT(nn.Module):
             mask = (causal & attention_mask[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
-            x = block(x, mask)
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                # keep only the block's input; the backward pass runs the block again (same dropout masks)
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, attention_mask=None, temperature=1.0, with_entropy=False):

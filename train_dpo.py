@@ -100,6 +100,7 @@ seed = 1337                                   # seeds the data order
 device = default_device()                     # 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = default_dtype()                       # 'float32' | 'bfloat16' | 'float16'
 compile = False                               # torch.compile the policy (worth it on a GPU)
+grad_checkpoint = False                       # recompute activations in the backward pass: less memory (gpt2-large/xl), ~1/3 slower
 # -----------------------------------------------------------------------------
 config = configure(globals())
 check(init_from in ('sft', 'resume'), f"init_from must be 'sft' or 'resume', got {init_from!r}")
@@ -142,7 +143,7 @@ if init_from == 'resume':
     del ckpt
 if master:
     print(f"models: policy and reference of {model.get_num_params() / 1e6:.2f}M parameters, vocabulary {model_args['vocab_size']}")
-train_model = wrap_for_training(model, compile, ddp, device)  # compiled and/or DDP; model stays the plain GPT
+train_model = wrap_for_training(model, compile, ddp, device, grad_checkpoint)  # compiled and/or DDP; model stays the plain GPT
 
 # -----------------------------------------------------------------------------
 # data: (prompt, chosen, rejected) token ids

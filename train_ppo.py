@@ -163,6 +163,7 @@ device = default_device()                     # 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = default_dtype()                       # 'float32' | 'bfloat16' | 'float16'
 rollout_logprobs = True                       # old log-probs from sampling (exact in fp32); False: a forward pass
 compile = False                               # torch.compile the training forward passes
+grad_checkpoint = False                       # recompute activations in the backward pass: less memory (gpt2-large/xl), ~1/3 slower
 # -----------------------------------------------------------------------------
 config = configure(globals())
 check(kl_coef >= 0, f"kl_coef must be >= 0, got {kl_coef}")
@@ -215,8 +216,8 @@ if init_from == 'resume':
     restore_rng(ckpt)
     del ckpt
 # what the training passes go through (compiled and/or DDP); policy and value_model stay plain GPTs
-train_policy = wrap_for_training(policy, compile, ddp, device)
-train_value = wrap_for_training(value_model, compile, ddp, device)
+train_policy = wrap_for_training(policy, compile, ddp, device, grad_checkpoint)
+train_value = wrap_for_training(value_model, compile, ddp, device, grad_checkpoint)
 enc = get_tokenizer(model_args['vocab_size'])
 judge = None
 if gold_judge == 'tinyhh':

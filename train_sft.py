@@ -69,6 +69,7 @@ seed = 1337                                   # seeds the data order and the ini
 device = default_device()                     # 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = default_dtype()                       # 'float32' | 'bfloat16' | 'float16'
 compile = False                               # torch.compile the model (worth it on a GPU)
+grad_checkpoint = False                       # recompute activations in the backward pass: less memory (gpt2-large/xl), ~1/3 slower
 # -----------------------------------------------------------------------------
 config = configure(globals())
 check(batch_size > 0 and micro_batch_size > 0 and max_steps > 0, "batch_size, micro_batch_size and max_steps must be > 0")
@@ -107,7 +108,7 @@ if init_from == 'resume':
     del ckpt
 if master:
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, vocabulary {model_args['vocab_size']}")
-train_model = wrap_for_training(model, compile, ddp, device)  # compiled and/or DDP; model stays the plain GPT
+train_model = wrap_for_training(model, compile, ddp, device, grad_checkpoint)  # compiled and/or DDP; model stays the plain GPT
 
 # -----------------------------------------------------------------------------
 # data: (prompt ids, response ids) pairs; the batch masks everything but the response

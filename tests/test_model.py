@@ -438,3 +438,36 @@ def test_no_dropout_in_eval_mode():
         assert torch.equal(model(idx)[0], model(idx)[0])
         model.train()
         assert not torch.equal(model(idx)[0], model(idx)[0])  # dropout is really there
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(monkeypatch):
+    # with dropout on: the recomputed forward must draw the same masks
+    model = tiny_gpt(dropout=0.2).train()
+    g = torch.Generator().manual_seed(5)
+    idx, targets = torch.randint(0, V, (3, 16), generator=g), torch.randint(0, V, (3, 16), generator=g)
+    targets[:, :6] = -1
+    mask = torch.ones(3, 16, dtype=torch.long)
+    mask[0, :4] = 0  # a left-padded row: the attention-mask path too
+
+    calls, block_forward = [], model_module.Block.forward
+    monkeypatch.setattr(model_module.Block, 'forward', lambda self, *a: calls.append(1) or block_forward(self, *a))
+
+    def loss_and_grads(checkpointing):
+        model.grad_checkpoint = checkpointing
+        model.zero_grad()
+        calls.clear()
+        torch.manual_seed(7)
+        _, loss = model(idx, targets, attention_mask=mask)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, len(calls)
+
+    loss, grads, n_calls = loss_and_grads(False)
+    loss_ckpt, grads_ckpt, n_calls_ckpt = loss_and_grads(True)
+    assert (n_calls, n_calls_ckpt) == (2, 4)  # 2 blocks; checkpointed, each runs again in the backward pass
+    assert torch.equal(loss, loss_ckpt)
+    for n in grads:
+        torch.testing.assert_close(grads_ckpt[n], grads[n], rtol=1e-5, atol=1e-7, msg=n)
+    torch.manual_seed(8)  # another seed, other dropout masks: the comparison above can fail
+    model.zero_grad()
+    model(idx, targets, attention_mask=mask)[1].backward()
+    assert not torch.equal(model.transformer.h[0].mlp.c_fc.weight.grad, grads['transformer.h.0.mlp.c_fc.weight'])
