@@ -1,9 +1,10 @@
 """
 Time each stage's steady-state step in isolation, on synthetic data of fixed shapes (nanoGPT's
 bench.py, for RLHF): the SFT step, the reward-model step, the DPO step (reference log-probs online
-and precomputed) and one PPO iteration, split into rollout (policy.generate), scoring (reference,
-reward and value forwards, rewards, GAE) and update, at 1 epoch x 1 minibatch, 4 x 1 (TRL's
-default) and 4 x 2. Each step runs what the training scripts run: the same model calls, and the
+and precomputed) and one PPO iteration, split into rollout (policy.generate, and as a baseline a
+rollout that runs the whole sequence each step, without the KV cache), scoring (reference, reward
+and value forwards, rewards, GAE) and update, at 1 epoch x 1 minibatch, 4 x 1 (TRL's default) and
+4 x 2. Each step runs what the training scripts run: the same model calls, and the
 losses and PPO math imported from train_*.py (their source above the config banner).
 
 Every sequence is exactly prompt_len + response_len tokens, and a PPO response is exactly
@@ -73,6 +74,7 @@ dtype = ''                      # 'float32' | 'bfloat16' | 'float16' (autocast)
 device = default_device()       # 'cpu' | 'cuda' | 'cuda:1' ...
 threads = 2                     # torch threads on a CPU (0: torch's default)
 compile = False                 # torch.compile the training forward passes, as the scripts' compile=True
+decode = 'dynamic'              # PPO rollout decode steps: 'dynamic' | 'static' | 'compiled' (as train_ppo.py's decode)
 peak_flops = 0.0                # the device's peak FLOP/s for MFU (0: measure it with a large matmul)
 seed = 1337                     # seeds the synthetic data and the weights
 # -----------------------------------------------------------------------------
@@ -82,6 +84,7 @@ globals().update({k: v for k, v in PRESETS[preset].items() if not config[k]})
 check(steps > 0 and warmup >= 0 and threads >= 0 and peak_flops >= 0, "need steps > 0, warmup, threads, peak_flops >= 0")
 check(batch_size % 2 == 0 and prompt_len > 0 and response_len > 1, "need an even batch_size, prompt_len > 0, response_len > 1")
 check(not set(stages.split(',')) - {'sft', 'rm', 'dpo', 'ppo'}, f"unknown stage in {stages!r} (sft, rm, dpo, ppo)")
+check(decode in ('dynamic', 'static', 'compiled'), f"decode must be 'dynamic', 'static' or 'compiled', got {decode!r}")
 
 if threads and 'cuda' not in device:
     torch.set_num_threads(threads)
@@ -265,7 +268,7 @@ def bench_ppo():
         t0 = clock()
         policy.eval()
         with torch.no_grad(), ctx:  # eos_id -1: never sampled, so every response is R tokens
-            seq, seq_mask, old_logprobs, response_mask = policy.generate(prompts, R, -1, temperature)
+            seq, seq_mask, old_logprobs, response_mask = policy.generate(prompts, R, -1, temperature, decode=decode)
         policy.train()
         t1 = clock()
         assert response_mask.size(1) == R and bool(response_mask.all()), "every response must be R tokens"
@@ -303,7 +306,23 @@ def bench_ppo():
     score_flops = flops(reward_model, B * T, T, 0, 1) + flops(ref_model, B * (T - 1), T - 1, B * R, 1) + \
         flops(value_model, B * (T - 1), T - 1, 0, 1)
     epoch_flops = flops(policy, B * (T - 1), T - 1, B * R) + flops(value_model, B * (T - 1), T - 1, 0)
-    out = []
+    @torch.no_grad()
+    def rollout_without_cache():
+        """The baseline the KV cache is measured against: every step runs the whole sequence so far
+        (prompts all P tokens, so no mask), samples the last position's token the same way."""
+        t0 = clock()
+        policy.eval()
+        seq = torch.tensor(prompts, device=device)
+        with ctx:
+            for _ in range(R):
+                logits = policy(seq)[0][:, -1].float() / temperature
+                token = torch.multinomial(torch.softmax(logits, -1), 1)
+                seq = torch.cat([seq, token], 1)
+        policy.train()
+        return t0, clock()
+
+    out = [('ppo_rollout_no_kv_cache', run(rollout_without_cache)[0], B * T,
+            sum(flops(policy, B * (P + t), P + t, B * (P + t), 1) for t in range(R)))]
     for epochs, minibatches in ((1, 1), (4, 1), (4, 2)):
         rollout, score, update, total = run(lambda: iteration(epochs, minibatches))
         name = f'{epochs}x{minibatches}'

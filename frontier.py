@@ -128,11 +128,12 @@ def plot_frontier(eval_json, png):
     if crowd is not None:
         ax.axhline(crowd, color='gray', linestyle='--', linewidth=1, label='the demonstrations (crowd)')
     ax.set_xscale('symlog', linthresh=1.0, linscale=1.5)  # linear below 1 nat, where most runs sit; log above
+    ax.set_xlim(-0.15, 1.6 * max(kl for rows in points.values() for _, kl, _ in rows))  # room for the end markers
     ax.set_xlabel('KL(policy || SFT) per response (nats, on its own samples; log scale above 1)')
     ax.set_ylabel('gold score on held-out prompts')
     ax.set_title('reward vs KL frontier: tinyhh, gold judge')
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc='lower right')
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)

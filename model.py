@@ -46,15 +46,22 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, mask=None, kv_cache=None, pos=0):
         """mask: None for plain causal attention, else a bool (B, 1, T, S) of allowed keys.
-        kv_cache: this layer's (k, v) buffers (B, nh, T_max, hs); x is written at [pos, pos+T)."""
+        kv_cache: this layer's (k, v) buffers (B, nh, T_max, hs); x is written at [pos, pos+T) and
+        attends to the cache up to there. pos a tensor (T,) of write positions instead: static shapes
+        for CUDA graphs, x attends to the whole cache and the mask hides what is not written yet."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if kv_cache is not None:
             k_cache, v_cache = kv_cache
-            k_cache[:, :, pos:pos + T] = k
-            v_cache[:, :, pos:pos + T] = v
-            k, v = k_cache[:, :, :pos + T], v_cache[:, :, :pos + T]
+            if torch.is_tensor(pos):
+                k_cache.index_copy_(2, pos, k)
+                v_cache.index_copy_(2, pos, v)
+                k, v = k_cache, v_cache
+            else:
+                k_cache[:, :, pos:pos + T] = k
+                v_cache[:, :, pos:pos + T] = v
+                k, v = k_cache[:, :, :pos + T], v_cache[:, :, :pos + T]
         dropout = self.dropout if self.training else 0.0
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
@@ -259,12 +266,18 @@ class GPT(nn.Module):
     # sampling with a KV cache
 
     @torch.no_grad()
-    def generate(self, prompts, max_new_tokens, eos_id, temperature=1.0, top_k=None, top_p=None, generator=None):
+    def generate(self, prompts, max_new_tokens, eos_id, temperature=1.0, top_k=None, top_p=None, generator=None,
+                 decode='dynamic'):
         """
         Sample responses for a batch of prompts of different lengths (a list of token lists).
         Prompts are left-padded, prefilled at once into a preallocated KV cache, then decoded one
         token per step for the whole batch; a row stops at its first eos_id, the loop when all
         rows have stopped. temperature=0 is greedy decoding.
+        decode: 'dynamic' (each step attends to the part of the cache written so far), 'static' (every
+        step has the same shapes: a cache of block_size positions, attended to whole under the mask)
+        or 'compiled' (static, and the step compiled with torch.compile(mode='reduce-overhead'),
+        which on a GPU replays it as a CUDA graph: one launch a step instead of hundreds of kernels).
+        All three give the same tokens and log-probs.
         Returns
           seq            (B, P + N)  left-padded prompts followed by the generated tokens
           seq_mask       (B, P + N)  1 on real prompt tokens and on generated tokens up to eos
@@ -277,8 +290,11 @@ class GPT(nn.Module):
         B, P = len(prompts), max(len(p) for p in prompts)
         assert min(len(p) for p in prompts) > 0, "every prompt needs at least one token"
         assert P + max_new_tokens <= cfg.block_size, f"prompt {P} + {max_new_tokens} new tokens > block_size {cfg.block_size}"
+        assert decode in ('dynamic', 'static', 'compiled'), f"decode must be dynamic, static or compiled, got {decode!r}"
+        static = decode != 'dynamic'
+        T_max = cfg.block_size if static else P + max_new_tokens  # static: the same shapes for every batch
         seq = torch.full((B, P + max_new_tokens), eos_id, dtype=torch.long, device=device)
-        key_mask = torch.zeros((B, P + max_new_tokens), dtype=torch.bool, device=device)
+        key_mask = torch.zeros((B, T_max), dtype=torch.bool, device=device)
         for i, p in enumerate(prompts):
             seq[i, P - len(p):P] = torch.tensor(p, dtype=torch.long, device=device)
             key_mask[i, P - len(p):P] = True
@@ -286,8 +302,11 @@ class GPT(nn.Module):
         hs, dtype = cfg.n_embd // cfg.n_head, self.lm_head.weight.dtype
         if torch.is_autocast_enabled(device.type):
             dtype = torch.get_autocast_dtype(device.type)
-        kv = [(torch.empty(B, cfg.n_head, P + max_new_tokens, hs, device=device, dtype=dtype),
-               torch.empty(B, cfg.n_head, P + max_new_tokens, hs, device=device, dtype=dtype)) for _ in range(cfg.n_layer)]
+        new = torch.zeros if static else torch.empty  # static steps read the whole cache: no garbage (0 x NaN = NaN)
+        kv = [(new(B, cfg.n_head, T_max, hs, device=device, dtype=dtype),
+               new(B, cfg.n_head, T_max, hs, device=device, dtype=dtype)) for _ in range(cfg.n_layer)]
+        step = torch.compile(self._step, mode='reduce-overhead', fullgraph=True) if decode == 'compiled' else self._step
+        write_pos = torch.zeros(1, dtype=torch.long, device=device)  # static: where the step writes its k, v
 
         # prefill: the whole prompt batch in one forward pass
         pos = (key_mask[:, :P].long().cumsum(-1) - 1).clamp(min=0)
@@ -325,7 +344,11 @@ class GPT(nn.Module):
             if t == max_new_tokens - 1 or bool(done.all()):
                 break
             # decode: one new token per row, attending to the cache
-            logits = self._step(token[:, None], (prompt_len + t)[:, None], key_mask[:, None, None, :P + t + 1], kv, P + t)
+            if static:
+                write_pos.fill_(P + t)
+                logits = step(token[:, None], (prompt_len + t)[:, None], key_mask[:, None, None, :], kv, write_pos)
+            else:
+                logits = self._step(token[:, None], (prompt_len + t)[:, None], key_mask[:, None, None, :P + t + 1], kv, P + t)
         return seq[:, :P + n], key_mask[:, :P + n].long(), logprobs[:, :n], response_mask[:, :n].long()
 
     def _step(self, idx, pos, mask, kv, start):

@@ -164,6 +164,7 @@ dtype = default_dtype()                       # 'float32' | 'bfloat16' | 'float1
 rollout_logprobs = True                       # old log-probs from sampling (exact in fp32); False: a forward pass
 compile = False                               # torch.compile the training forward passes
 grad_checkpoint = False                       # recompute activations in the backward pass: less memory (gpt2-large/xl), ~1/3 slower
+decode = 'dynamic'                            # rollout decode steps: 'dynamic' | 'static' | 'compiled' (CUDA graphs on a GPU; see model.generate)
 # -----------------------------------------------------------------------------
 config = configure(globals())
 check(kl_coef >= 0, f"kl_coef must be >= 0, got {kl_coef}")
@@ -171,6 +172,7 @@ check(temperature > 0, f"temperature must be > 0 (sampling is pure sampling at t
 check(0 <= gamma <= 1 and 0 <= lam <= 1, "gamma and lam must be in [0, 1]")
 check(cliprange > 0 and cliprange_value > 0 and vf_coef >= 0, "cliprange, cliprange_value > 0 and vf_coef >= 0")
 check(target_kl > 0 and kl_horizon > 0, "target_kl and kl_horizon must be > 0")
+check(decode in ('dynamic', 'static', 'compiled'), f"decode must be 'dynamic', 'static' or 'compiled', got {decode!r}")
 check(max_iters > 0 and ppo_epochs > 0 and max_prompt_len > 0 and max_new_tokens > 0, "sizes must be > 0")
 check(batch_size % mini_batch_size == 0, f"batch_size {batch_size} must be divisible by mini_batch_size {mini_batch_size}")
 
@@ -271,7 +273,7 @@ for it in bar:
     batch = [prompts[i] for i in batch_ids]
     policy.eval()
     with torch.no_grad(), ctx:
-        seq, seq_mask, sample_logprobs, response_mask = policy.generate(batch, max_new_tokens, enc.eot_token, temperature)
+        seq, seq_mask, sample_logprobs, response_mask = policy.generate(batch, max_new_tokens, enc.eot_token, temperature, decode=decode)
     policy.train()
     P = seq.size(1) - response_mask.size(1)  # prompt positions (left-padded)
     response_mask = response_mask.float()

@@ -4,7 +4,7 @@ import math
 
 from scripts import run_script
 
-ROWS = ['sft', 'rm', 'dpo', 'dpo_ref_precomputed', 'ppo_rollout', 'ppo_score',
+ROWS = ['sft', 'rm', 'dpo', 'dpo_ref_precomputed', 'ppo_rollout_no_kv_cache', 'ppo_rollout', 'ppo_score',
         'ppo_update_1x1', 'ppo_iteration_1x1', 'ppo_update_4x1', 'ppo_iteration_4x1',
         'ppo_update_4x2', 'ppo_iteration_4x2']
 
@@ -12,7 +12,7 @@ ROWS = ['sft', 'rm', 'dpo', 'dpo_ref_precomputed', 'ppo_rollout', 'ppo_score',
 def test_bench_prints_a_row_per_stage():
     p = run_script('bench.py', '--steps=1', '--warmup=0', '--n_layer=1', '--n_head=2', '--n_embd=32',
                    '--vocab_size=512', '--batch_size=4', '--prompt_len=8', '--response_len=8', '--threads=1',
-                   timeout=300)
+                   '--decode=static', timeout=300)  # the static-shape rollout (model tests cover the default)
     lines = p.stdout.splitlines()
     assert any(line.startswith('peak for MFU:') and 'measured' in line for line in lines), p.stdout
     header = next(i for i, line in enumerate(lines) if line.split()[:2] == ['stage', 's/step'])

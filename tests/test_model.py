@@ -251,6 +251,19 @@ def test_sampled_tokens_follow_the_distribution(temperature, filters):
     assert (probs > 0.01).sum() >= 3  # several likely tokens: a wrong sampler would show
 
 
+@pytest.mark.parametrize('temperature', [0, 0.7])
+def test_static_decode_equals_dynamic(temperature):
+    # the static-shape decode (CUDA-graph friendly: the whole block_size cache, masked) samples the same
+    model = tiny_gpt()
+    _, dynamic = sample(model, temperature, seed=2)
+    _, static = sample(model, temperature, seed=2, decode='static')
+    for a, b in zip(dynamic[:2] + dynamic[3:], static[:2] + static[3:]):  # seq, seq_mask, response_mask
+        assert torch.equal(a, b)
+    torch.testing.assert_close(static[2], dynamic[2], rtol=0, atol=1e-5)  # logprobs
+    if temperature > 0:  # rows that stop at different steps (and prompts of different lengths in both cases)
+        assert dynamic[3].sum(1).min() < dynamic[3].sum(1).max()
+
+
 def test_response_mask_stops_at_first_eos():
     model = tiny_gpt()
     max_new, eos_id = 20, 7
