@@ -2,7 +2,8 @@
 Time each stage's steady-state step in isolation, on synthetic data of fixed shapes (nanoGPT's
 bench.py, for RLHF): the SFT step, the reward-model step, the DPO step (reference log-probs online
 and precomputed) and one PPO iteration, split into rollout (policy.generate, and as a baseline a
-rollout that runs the whole sequence each step, without the KV cache), scoring (reference, reward
+rollout that runs the whole sequence each step, without the KV cache, and Hugging Face generate on
+a GPT-2 of the same shape when transformers is installed), scoring (reference, reward
 and value forwards, rewards, GAE) and update, at 1 epoch x 1 minibatch, 4 x 1 (TRL's default) and
 4 x 2. Each step runs what the training scripts run: the same model calls, and the
 losses and PPO math imported from train_*.py (their source above the config banner).
@@ -323,6 +324,24 @@ def bench_ppo():
 
     out = [('ppo_rollout_no_kv_cache', run(rollout_without_cache)[0], B * T,
             sum(flops(policy, B * (P + t), P + t, B * (P + t), 1) for t in range(R)))]
+    try:  # Hugging Face generate on a GPT-2 of the same shape, when transformers is installed
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        print("(no ppo_rollout_hf_generate row: transformers is not installed)")
+    else:
+        hf = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=T, n_embd=n_embd, n_layer=n_layer,
+                                        n_head=n_head, bos_token_id=EOT, eos_token_id=EOT)).to(device).eval()
+        hf_prompts = torch.tensor(prompts, device=device)
+
+        @torch.no_grad()
+        def rollout_hf():
+            t0 = clock()
+            with ctx:  # sampling at the same temperature, exactly R new tokens (no eos in its config)
+                hf.generate(hf_prompts, attention_mask=torch.ones_like(hf_prompts), do_sample=True, temperature=temperature,
+                            top_k=0, max_new_tokens=R, min_new_tokens=R, pad_token_id=EOT, eos_token_id=None)
+            return t0, clock()
+        out.append(('ppo_rollout_hf_generate', run(rollout_hf)[0], B * T, gen_flops))
+        del hf
     for epochs, minibatches in ((1, 1), (4, 1), (4, 2)):
         rollout, score, update, total = run(lambda: iteration(epochs, minibatches))
         name = f'{epochs}x{minibatches}'

@@ -4,7 +4,8 @@ import math
 
 from scripts import run_script
 
-ROWS = ['sft', 'rm', 'dpo', 'dpo_ref_precomputed', 'ppo_rollout_no_kv_cache', 'ppo_rollout', 'ppo_score',
+ROWS = ['sft', 'rm', 'dpo', 'dpo_ref_precomputed', 'ppo_rollout_no_kv_cache', 'ppo_rollout_hf_generate',
+        'ppo_rollout', 'ppo_score',
         'ppo_update_1x1', 'ppo_iteration_1x1', 'ppo_update_4x1', 'ppo_iteration_4x1',
         'ppo_update_4x2', 'ppo_iteration_4x2']
 
