@@ -301,4 +301,5 @@ if master:
           f"{dt:.0f} s ({tokens_seen * world_size / max(dt, 1e-9):.0f} tokens/s); best weights in {best_path}")
     log.close()
 if ddp:
+    torch.distributed.barrier()  # every rank done before any tears down (gloo aborts otherwise, now and then)
     torch.distributed.destroy_process_group()

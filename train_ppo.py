@@ -359,4 +359,5 @@ if master:
           f"gold {row['gold']:.3f}, ended {row['ended']:.2f}; policy in {out_dir}/ckpt.pt")
     log.close()
 if ddp:
+    torch.distributed.barrier()  # every rank done before any tears down (gloo aborts otherwise, now and then)
     torch.distributed.destroy_process_group()

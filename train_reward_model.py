@@ -297,4 +297,5 @@ if master:
           f"rewards centred on {len(demos)} demonstrations (reward_offset {reward_offset:+.4f}) in {best_path}")
     log.close()
 if ddp:
+    torch.distributed.barrier()  # every rank done before any tears down (gloo aborts otherwise, now and then)
     torch.distributed.destroy_process_group()
