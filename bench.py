@@ -1,12 +1,12 @@
 """
 Time each stage's steady-state step in isolation, on synthetic data of fixed shapes (nanoGPT's
 bench.py, for RLHF): the SFT step, the reward-model step, the DPO step (reference log-probs online
-and precomputed) and one PPO iteration, split into rollout (policy.generate, and as a baseline a
-rollout that runs the whole sequence each step, without the KV cache, and Hugging Face generate on
-a GPT-2 of the same shape when transformers is installed), scoring (reference, reward
-and value forwards, rewards, GAE) and update, at 1 epoch x 1 minibatch, 4 x 1 (TRL's default) and
-4 x 2. Each step runs what the training scripts run: the same model calls, and the
-losses and PPO math imported from train_*.py (their source above the config banner).
+and precomputed) and one PPO iteration, split into rollout (policy.generate), scoring (reference,
+reward and value forwards, rewards, GAE) and update, at 1 epoch x 1 minibatch, 4 x 1 (TRL's
+default) and 4 x 2. Two rollout baselines beside ours: running the whole sequence at every step
+(no KV cache), and Hugging Face generate on a GPT-2 of the same shape (when transformers is
+installed). Each step runs what the training scripts run: the same model calls, and the losses
+and PPO math imported from train_*.py (their source above the config banner).
 
 Every sequence is exactly prompt_len + response_len tokens, and a PPO response is exactly
 response_len new tokens: generate gets eos_id=-1, a token that can never be sampled. So the
@@ -143,9 +143,12 @@ def flops(model, n_tokens, ctx_len, head_rows, passes=3):
     return passes / 3 * ((model.flops_per_token(ctx_len) - head) * n_tokens + head * head_rows)
 
 
+PEAK_MATMUL = (8192, 20) if device_type == 'cuda' else (2048, 2)  # matrix size, matmuls per timing
+
+
 def measure_peak_flops():
     """The best FLOP/s of a large square matmul in the benchmark's dtype: the roof for MFU."""
-    n, reps = (8192, 20) if device_type == 'cuda' else (2048, 2)
+    n, reps = PEAK_MATMUL
     mm_dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
     a, b = (torch.randn(n, n, device=device, dtype=mm_dtype) for _ in range(2))
     best = float('inf')
@@ -372,8 +375,8 @@ for stage in stages.split(','):
 if not peak_flops:  # measured before and after the stages: a busy moment lowers one, not both
     peak_after = measure_peak_flops()
     peak_flops = max(peak_before, peak_after)
-    n = (8192, 20) if device_type == 'cuda' else (2048, 2)
-    peak_source = (f"measured: the best of 5 x {n[1]} {n[0]}x{n[0]} {dtype} matmuls, before the stages "
+    n, reps = PEAK_MATMUL
+    peak_source = (f"measured: the best of 5 x {reps} {n}x{n} {dtype} matmuls, before the stages "
                    f"{peak_before / 1e9:.1f} and after {peak_after / 1e9:.1f}")
 else:
     peak_source = 'given'

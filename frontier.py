@@ -71,13 +71,12 @@ def main_run_value(main_dir, ckpt_name, key):
     return torch.load(path, map_location='cpu', weights_only=True)['config'].get(key)
 
 
-def train(script, run_dir, value_arg, extra, main_dir, ckpt_name):
+def train(script, run_dir, key, value, extra, main_dir, ckpt_name):
     """One run of the sweep unless it finished before; the sweep's value and out_dir come last, so they win.
     When extra is empty and the value is the main run's, that run's checkpoint is linked in instead."""
     if os.path.exists(os.path.join(run_dir, 'DONE')):
         print(f"== {run_dir}: done already, skipping")
         return
-    key, value = value_arg.removeprefix('--').split('=')
     main_value = None if extra else main_run_value(main_dir, ckpt_name, key)
     if main_value is not None and float(main_value) == float(value):
         os.makedirs(run_dir, exist_ok=True)
@@ -86,7 +85,7 @@ def train(script, run_dir, value_arg, extra, main_dir, ckpt_name):
         print(f"== {run_dir}: the main run's {key} ({main_dir}), reused")
         return
     resume = ['--init_from=resume'] if os.path.exists(os.path.join(run_dir, 'ckpt.pt')) else []
-    run([sys.executable, script, *shlex.split(extra), value_arg, f'--out_dir={run_dir}', *resume])
+    run([sys.executable, script, *shlex.split(extra), f'--{key}={value}', f'--out_dir={run_dir}', *resume])
     open(os.path.join(run_dir, 'DONE'), 'w').close()
 
 
@@ -183,10 +182,10 @@ if not plot_only:
     check(os.path.isfile(sft_ckpt), f"{sft_ckpt} not found: run bash run.sh (SFT and the reward model) first")
     ckpts = [sft_ckpt]
     for v in filter(None, kl_coefs.split(',')):
-        train('train_ppo.py', os.path.join(out_dir, f'ppo_kl{v}'), f'--kl_coef={v}', ppo_args, main_ppo, 'ckpt.pt')
+        train('train_ppo.py', os.path.join(out_dir, f'ppo_kl{v}'), 'kl_coef', v, ppo_args, main_ppo, 'ckpt.pt')
         ckpts.append(os.path.join(out_dir, f'ppo_kl{v}', 'ckpt.pt'))
     for v in filter(None, betas.split(',')):
-        train('train_dpo.py', os.path.join(out_dir, f'dpo_beta{v}'), f'--beta={v}', dpo_args, main_dpo, 'best.pt')
+        train('train_dpo.py', os.path.join(out_dir, f'dpo_beta{v}'), 'beta', v, dpo_args, main_dpo, 'best.pt')
         ckpts.append(os.path.join(out_dir, f'dpo_beta{v}', 'best.pt'))  # the best validation loss, as eval.py's default
     run([sys.executable, 'eval.py', *shlex.split(eval_args), f"--ckpts={','.join(ckpts)}",
          f'--baseline={sft_ckpt}', f'--out_json={eval_json}'])

@@ -306,7 +306,7 @@ class GPT(nn.Module):
         kv = [(new(B, cfg.n_head, T_max, hs, device=device, dtype=dtype),
                new(B, cfg.n_head, T_max, hs, device=device, dtype=dtype)) for _ in range(cfg.n_layer)]
         step = torch.compile(self._step, mode='reduce-overhead', fullgraph=True) if decode == 'compiled' else self._step
-        write_pos = torch.zeros(1, dtype=torch.long, device=device)  # static: where the step writes its k, v
+        write_pos = torch.zeros(1, dtype=torch.long, device=device)  # static: where the step writes its k, v, as a tensor
 
         # prefill: the whole prompt batch in one forward pass
         pos = (key_mask[:, :P].long().cumsum(-1) - 1).clamp(min=0)
@@ -343,12 +343,9 @@ class GPT(nn.Module):
             n = t + 1
             if t == max_new_tokens - 1 or bool(done.all()):
                 break
-            # decode: one new token per row, attending to the cache
-            if static:
-                write_pos.fill_(P + t)
-                logits = step(token[:, None], (prompt_len + t)[:, None], key_mask[:, None, None, :], kv, write_pos)
-            else:
-                logits = self._step(token[:, None], (prompt_len + t)[:, None], key_mask[:, None, None, :P + t + 1], kv, P + t)
+            # decode: one new token per row, attending to the cache (static: all of it, under the mask)
+            keys, where = (key_mask, write_pos.fill_(P + t)) if static else (key_mask[:, :P + t + 1], P + t)
+            logits = step(token[:, None], (prompt_len + t)[:, None], keys[:, None, None, :], kv, where)
         return seq[:, :P + n], key_mask[:, :P + n].long(), logprobs[:, :n], response_mask[:, :n].long()
 
     def _step(self, idx, pos, mask, kv, start):
