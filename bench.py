@@ -20,7 +20,7 @@ the two) unless peak_flops is given.
 
     python bench.py                             # tiny preset: fp32 on the CPU, 2 threads
     python bench.py --preset=gpt2               # GPT-2 124M shape, bf16 autocast, on a GPU
-    python bench.py --stages=sft,dpo --steps=20 --compile=True
+    python bench.py --stages=sft,dpo --steps=20 --compile=True   # compiled on a CPU too (default: on CUDA only)
 """
 import gc
 import os
@@ -31,7 +31,7 @@ from types import SimpleNamespace
 
 import torch
 
-from common import default_device, setup
+from common import default_compile, default_device, setup
 from configurator import check, configure
 from loaders import collate
 from model import GPT, GPTConfig
@@ -74,7 +74,7 @@ response_len = 0                # response tokens of every sequence (PPO: new to
 dtype = ''                      # 'float32' | 'bfloat16' | 'float16' (autocast)
 device = default_device()       # 'cpu' | 'cuda' | 'cuda:1' ...
 threads = 2                     # torch threads on a CPU (0: torch's default)
-compile = False                 # torch.compile the training forward passes, as the scripts' compile=True
+compile = default_compile()     # torch.compile the training passes, as the scripts' default (on for CUDA)
 decode = 'dynamic'              # PPO rollout decode steps: 'dynamic' | 'static' | 'compiled' (as train_ppo.py's decode)
 peak_flops = 0.0                # the device's peak FLOP/s for MFU (0: measure it with a large matmul)
 seed = 1337                     # seeds the synthetic data and the weights

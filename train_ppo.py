@@ -37,8 +37,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import (all_reduce_mean, check_finite, decode_response, default_device, default_dtype, get_tokenizer,
-                    model_from_checkpoint, require_checkpoint, restore_rng, save_checkpoint, setup, wrap_for_training)
+from common import (all_reduce_mean, check_finite, default_compile, decode_response, default_device, default_dtype,
+                    get_tokenizer, model_from_checkpoint, require_checkpoint, restore_rng, save_checkpoint, setup,
+                    wrap_for_training)
 from configurator import check, configure
 from loaders import batch_indices, read_jsonl, tokenize_prompts
 
@@ -162,7 +163,7 @@ seed = 1337                                   # seeds the prompt order and the s
 device = default_device()                     # 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = default_dtype()                       # 'float32' | 'bfloat16' | 'float16'
 rollout_logprobs = True                       # old log-probs from sampling (exact in fp32); False: a forward pass
-compile = False                               # torch.compile the training forward passes
+compile = default_compile()                   # torch.compile the training passes: on by default on CUDA, off on a CPU
 grad_checkpoint = False                       # recompute activations in the backward pass: less memory (gpt2-large/xl), ~1/3 slower
 decode = 'dynamic'                            # rollout decode steps: 'dynamic' | 'static' | 'compiled' (CUDA graphs on a GPU; see model.generate)
 # -----------------------------------------------------------------------------

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (all_reduce_mean, check_finite, default_device, default_dtype, get_lr, get_tokenizer,
-                    load_checkpoint, model_from_checkpoint, require_checkpoint, restore_rng, save_checkpoint, setup,
-                    wrap_for_training)
+from common import (all_reduce_mean, check_finite, default_compile, default_device, default_dtype, get_lr,
+                    get_tokenizer, load_checkpoint, model_from_checkpoint, require_checkpoint, restore_rng,
+                    save_checkpoint, setup, wrap_for_training)
 from configurator import check, configure
 from loaders import batch_indices, collate, read_jsonl, tokenize_prefs, tokenize_sft
 
@@ -88,7 +88,7 @@ seed = 1337                                   # seeds the data order
 # system
 device = default_device()                     # 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = default_dtype()                       # 'float32' | 'bfloat16' | 'float16'
-compile = False                               # torch.compile the model (worth it on a GPU)
+compile = default_compile()                   # torch.compile the model: on by default on CUDA, off on a CPU
 grad_checkpoint = False                       # recompute activations in the backward pass: less memory (gpt2-large/xl), ~1/3 slower
 # -----------------------------------------------------------------------------
 config = configure(globals())

@@ -214,3 +214,30 @@ def test_script_help(tmp_path):
     result = run_script(tmp_path, '-h')
     assert result.returncode == 0
     assert '  steps = 10    # optimizer steps\n' in result.stdout
+
+
+# -----------------------------------------------------------------------------
+# the defaults the real scripts resolve to: the fast path on CUDA, plain fp32 eager on a CPU
+
+FAKE_CUDA = ("import runpy, sys, torch\n"
+             "if sys.argv[1] == 'cuda':\n"
+             "    torch.cuda.is_available = lambda: True\n"
+             "    torch.cuda.is_bf16_supported = lambda *a, **k: True\n"
+             "sys.argv = [sys.argv[2], '--help']\n"
+             "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
+@pytest.mark.parametrize('script', ['train_sft.py', 'train_reward_model.py', 'train_dpo.py', 'train_ppo.py', 'bench.py'])
+def test_gpu_fast_path_is_the_default_on_cuda_only(script):
+    """--help prints the resolved defaults; on a (faked) CUDA machine compile is on and training
+    runs in bf16 on the GPU, on a CPU compile is off and the dtype is fp32."""
+    for where, want in [('cuda', ("device = 'cuda'", 'compile = True', "dtype = 'bfloat16'")),
+                        ('cpu', ("device = 'cpu'", 'compile = False', "dtype = 'float32'"))]:
+        p = subprocess.run([sys.executable, '-c', FAKE_CUDA, where, script], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        lines = {line.split('#')[0].strip() for line in p.stdout.splitlines()}
+        for key in want:
+            if script == 'bench.py' and key.startswith('dtype'):
+                continue  # bench.py's dtype comes from its preset ('' here)
+            assert key in lines, (where, script, key, p.stdout)
