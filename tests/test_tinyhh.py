@@ -277,3 +277,60 @@ def test_lengths_in_gpt2_tokens():
     assert longest_prompt <= 25
     assert longest.pop('rambling') <= 48
     assert max(longest.values()) <= 42, longest
+
+
+# -----------------------------------------------------------------------------
+# rm_ceiling.py: what the labels allow a reward model to learn
+
+def test_template_of_inverts_respond():
+    from data.tinyhh import rm_ceiling
+    rng = random.Random(0)
+    for topic in TOPICS:
+        for entity in sample_entities(topic, 8):
+            for style in world.STYLES[world.kind_of(topic)]:
+                for t in range(len(world.TEMPLATES[style])):
+                    for _ in range(3):  # several wrong facts and made-up claims
+                        response = world.respond(topic, entity, style, rng, t)
+                        assert rm_ceiling.template_of(style, response) == (style, t), (style, t, response)
+    with pytest.raises(ValueError, match='no correct_polite template matches'):
+        rm_ceiling.template_of('correct_polite', 'Paris.')
+
+
+def test_fit_bradley_terry_recovers_known_scores():
+    import torch
+    from data.tinyhh import rm_ceiling
+    g = torch.Generator().manual_seed(0)
+    true_s, true_w, n = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0], dtype=torch.float64), -0.1, 40000
+    a, b = torch.randint(0, 5, (n,), generator=g), torch.randint(0, 5, (n,), generator=g)
+    dlen = torch.randint(-5, 6, (n,), generator=g).double()
+    p_first = torch.sigmoid(true_s[a] - true_s[b] + true_w * dlen)
+    first = torch.rand(n, generator=g, dtype=torch.float64) < p_first
+    chosen, rejected = torch.where(first, a, b), torch.where(first, b, a)  # the rater's pick comes first
+    dlen = torch.where(first, dlen, -dlen)
+    s, w = rm_ceiling.fit_bradley_terry(chosen, rejected, dlen, 5, use_length=True, l2=0.0)
+    assert torch.allclose(s - s[0], true_s, atol=0.06), s - s[0]
+    assert abs(w.item() - true_w) < 0.01, w
+    s0, w0 = rm_ceiling.fit_bradley_terry(chosen, rejected, dlen, 5, use_length=False, l2=0.0)
+    assert w0.item() == 0 and torch.allclose(s0 - s0[0], true_s, atol=0.1)
+
+
+def test_gold_accuracy_groups():
+    import torch
+    from data.tinyhh import rm_ceiling
+    delta = torch.tensor([1.0, -1.0, 1.0, 0.5, 2.0])
+    gap = torch.tensor([0.5, 0.3, -0.01, 0.01, 0.0])   # right, wrong, wrong, right, a gold tie (left out)
+    same = torch.tensor([False, False, True, True, True])
+    acc = rm_ceiling.gold_accuracy(delta, gap, same, tie_margin=0.1)
+    assert acc == {'all': (0.5, 4), 'clear': (0.5, 2), 'same style': (0.5, 2)}
+
+
+def test_rm_ceiling_script(generated):
+    p = subprocess.run([sys.executable, 'data/tinyhh/rm_ceiling.py', f'--data_dir={generated[0]}'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in p.stdout.splitlines()
+            if line.startswith('templates')}
+    assert set(rows) == {'templates', 'templates+length'}
+    for name, (w, acc_all, acc_clear, acc_same) in rows.items():
+        assert 0.8 < acc_all < 1 and acc_clear > 0.95 and 0.3 < acc_same < 0.9, (name, rows)
+    assert rows['templates'][0] == 0 and rows['templates+length'][0] != 0
