@@ -116,9 +116,10 @@ if __name__ == '__main__':
     print(f"{data_dir}: {len(train[0])} train pairs, {len(test[0])} test pairs, {len(index)} templates; "
           f"the rater's labels agree with gold on {labels['all'][0]:.3f} of train pairs "
           f"({labels['same style'][0]:.3f} of same-style ones)")
-    print(f"{'model':<18} {'w (per word)':>12}  test gold accuracy: {'all':>6} {'clear':>6} {'same style':>10}")
+    print(f"gold accuracy on {test_file}:\n{'model':<18} {'w per word':>10} {'all':>6} {'clear':>6} {'same style':>10}")
     for name, use_length in [('templates', False), ('templates+length', True)]:
         s, w = fit_bradley_terry(train[0], train[1], train[2], len(index), use_length)
         a, b, dlen, gap, same = test
         acc = gold_accuracy(s[a] - s[b] + w * dlen, gap, same, tie_margin)
-        print(f"{name:<18} {w.item():>12.4f}  {'':>20}{acc['all'][0]:>6.3f} {acc['clear'][0]:>6.3f} {acc['same style'][0]:>10.3f}")
+        print(f"{name:<18} {w.item():>10.4f} {acc['all'][0]:>6.3f} {acc['clear'][0]:>6.3f} {acc['same style'][0]:>10.3f}")
+    print(f"(w is in the rater's logit units; the judge's -0.002 a word is {-0.002 / world.TAU:.4f} there)")
