@@ -484,3 +484,31 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(monkeypatch):
     model.zero_grad()
     model(idx, targets, attention_mask=mask)[1].backward()
     assert not torch.equal(model.transformer.h[0].mlp.c_fc.weight.grad, grads['transformer.h.0.mlp.c_fc.weight'])
+
+
+def test_compiled_model_matches_eager():
+    """torch.compile (on by default on CUDA) traces the fused head's autograd Function, which
+    writes its gradient into a saved buffer in place, and the scalar head, with an attention
+    mask; aot_eager runs that same trace and autograd graph without generating kernels (inductor's
+    code generation is what takes minutes on a CPU; the stages were checked with it by hand)."""
+    torch._dynamo.reset()
+    model, ref = tiny_gpt(), tiny_gpt()
+    compiled = torch.compile(model, backend='aot_eager')
+    idx, targets = batch_with_ignored_targets(seed=6)
+    mask = torch.ones_like(idx)
+    mask[1, :3] = 0
+    w = torch.randn(targets.shape, generator=torch.Generator().manual_seed(7))
+    for m in (compiled, ref):
+        (logp, entropy), loss = m(idx, targets, attention_mask=mask, temperature=0.7, with_entropy=True)
+        (loss + (logp * w).sum() + 0.1 * entropy.sum()).backward()
+    torch.testing.assert_close(compiled(idx, targets)[0], ref(idx, targets)[0], atol=1e-5, rtol=0)
+    assert_same_grads(model, ref, atol=1e-5)
+
+    model, ref = tiny_gpt(scalar_head=True), tiny_gpt(scalar_head=True)
+    compiled = torch.compile(model, backend='aot_eager')
+    for m in (compiled, ref):
+        scores, _ = m(idx, attention_mask=mask)
+        (scores * w[:, :1]).sum().backward()
+    torch.testing.assert_close(compiled(idx, attention_mask=mask)[0], ref(idx, attention_mask=mask)[0], atol=1e-5, rtol=0)
+    assert_same_grads(model, ref, atol=1e-5)
+    torch._dynamo.reset()
