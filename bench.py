@@ -31,7 +31,7 @@ from types import SimpleNamespace
 
 import torch
 
-from common import default_compile, default_device, setup
+from common import default_compile, default_device, setup, wrap_for_training
 from configurator import check, configure
 from loaders import collate
 from model import GPT, GPTConfig
@@ -75,6 +75,7 @@ dtype = ''                      # 'float32' | 'bfloat16' | 'float16' (autocast)
 device = default_device()       # 'cpu' | 'cuda' | 'cuda:1' ...
 threads = 2                     # torch threads on a CPU (0: torch's default)
 compile = default_compile()     # torch.compile the training passes, as the scripts' default (on for CUDA)
+grad_checkpoint = False         # recompute activations in the backward pass, as the scripts' grad_checkpoint=True
 decode = 'dynamic'              # PPO rollout decode steps: 'dynamic' | 'static' | 'compiled' (as train_ppo.py's decode)
 peak_flops = 0.0                # the device's peak FLOP/s for MFU (0: measure it with a large matmul)
 seed = 1337                     # seeds the synthetic data and the weights
@@ -181,8 +182,10 @@ def new_model(scalar_head=False):
     return GPT(cfg).to(device)
 
 
-def maybe_compile(model):
-    return torch.compile(model) if compile else model
+def for_training(model):
+    """What the training passes go through, as in the scripts: compiled if asked, and recomputing
+    each block's activations in the backward pass with grad_checkpoint."""
+    return wrap_for_training(model, compile, False, device, grad_checkpoint)
 
 
 def optimizer_step(model, optimizer):
@@ -196,7 +199,7 @@ def optimizer_step(model, optimizer):
 
 def bench_sft():
     model = new_model()
-    optimizer, train_model = model.configure_optimizers(0.1, 2e-3, (0.9, 0.95), device_type), maybe_compile(model)
+    optimizer, train_model = model.configure_optimizers(0.1, 2e-3, (0.9, 0.95), device_type), for_training(model)
 
     def step():
         t0 = clock()
@@ -217,7 +220,7 @@ def collate_pairs():
 
 def bench_rm():
     model = new_model(scalar_head=True)
-    optimizer, train_model = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), device_type), maybe_compile(model)
+    optimizer, train_model = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), device_type), for_training(model)
 
     def step():
         t0 = clock()
@@ -233,7 +236,7 @@ def bench_rm():
 
 def bench_dpo():
     model, ref_model = new_model(), new_model().eval().requires_grad_(False)
-    optimizer, train_model = model.configure_optimizers(0.0, 1e-4, (0.9, 0.95), device_type), maybe_compile(model)
+    optimizer, train_model = model.configure_optimizers(0.0, 1e-4, (0.9, 0.95), device_type), for_training(model)
     with torch.no_grad(), ctx:  # the reference log-probs of precompute_ref_logps=True, computed before training
         seq, targets, _ = collate_pairs()
         ref_precomputed = dpo_fns.sequence_logps(ref_model, seq, targets).float().split(B)
@@ -264,7 +267,7 @@ def bench_ppo():
     value_model = new_model(scalar_head=True)
     params = [p for m in (policy, value_model) for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, eps=1e-5, fused=True)
-    train_policy, train_value = maybe_compile(policy), maybe_compile(value_model)
+    train_policy, train_value = for_training(policy), for_training(value_model)
     rows = torch.arange(B, device=device)
 
     def iteration(epochs, minibatches):
@@ -361,7 +364,8 @@ def bench_ppo():
 peak_before = 0.0 if peak_flops else measure_peak_flops()
 n_params = new_model().get_num_params()
 where = torch.cuda.get_device_name(device) if device_type == 'cuda' else f'cpu, {torch.get_num_threads()} threads'
-print(f"bench: preset {preset}, {where}, {dtype}{', compiled' if compile else ''}; GPT {n_layer}L/{n_head}H/{n_embd}d, "
+options = ''.join(f', {name}' for name, on in [('compiled', compile), ('grad checkpointing', grad_checkpoint)] if on)
+print(f"bench: preset {preset}, {where}, {dtype}{options}; GPT {n_layer}L/{n_head}H/{n_embd}d, "
       f"vocab {vocab_size}, {n_params / 1e6:.2f}M params; batch {B}, prompt {P} + response {R} tokens; "
       f"{warmup} warmup + {steps} timed steps")
 if device_type == 'cpu':

@@ -13,8 +13,11 @@ ROWS = ['sft', 'rm', 'dpo', 'dpo_ref_precomputed', 'ppo_rollout_no_kv_cache', 'p
 def test_bench_prints_a_row_per_stage():
     p = run_script('bench.py', '--steps=1', '--warmup=0', '--n_layer=1', '--n_head=2', '--n_embd=32',
                    '--vocab_size=512', '--batch_size=4', '--prompt_len=8', '--response_len=8', '--threads=1',
-                   '--decode=static', timeout=300)  # the static-shape rollout (model tests cover the default)
+                   '--decode=static', '--grad_checkpoint=True', timeout=300)
+    # the static-shape rollout and checkpointed training passes (model tests cover the defaults)
     lines = p.stdout.splitlines()
+    first = next(line for line in lines if line.startswith('bench:'))
+    assert first.startswith('bench: preset tiny, cpu, 1 threads, float32, grad checkpointing; GPT 1L/2H/32d'), first
     assert any(line.startswith('peak for MFU:') and 'measured' in line for line in lines), p.stdout
     header = next(i for i, line in enumerate(lines) if line.split()[:2] == ['stage', 's/step'])
     table = {line.split()[0]: line.split()[1:] for line in lines[header + 1:] if line.strip()}

@@ -334,3 +334,19 @@ def test_rm_ceiling_script(generated):
     for name, (w, acc_all, acc_clear, acc_same) in rows.items():
         assert 0.8 < acc_all < 1 and acc_clear > 0.95 and 0.3 < acc_same < 0.9, (name, rows)
     assert rows['templates'][0] == 0 and rows['templates+length'][0] != 0
+
+
+def test_rm_ceiling_bad_files_name_file_and_line(tmp_path):
+    good = {'prompt': 'What is the capital of France?', 'chosen': 'Paris.', 'rejected': 'The answer is Rome.',
+            'style_chosen': 'correct_terse', 'style_rejected': 'wrong', 'gold_chosen': 0.55, 'gold_rejected': -0.75}
+    cases = [({k: v for k, v in good.items() if k != 'gold_rejected'}, "missing ['gold_rejected']"),
+             (dict(good, style_chosen='correct_polite'), "no correct_polite template matches 'Paris.'"),
+             (dict(good, style_rejected='sarcastic'), "unknown style 'sarcastic'")]
+    for bad, message in cases:
+        lines = [json.dumps(good), json.dumps(bad)]
+        (tmp_path / 'prefs_train.jsonl').write_text('\n'.join(lines) + '\n')
+        (tmp_path / 'prefs_test.jsonl').write_text(lines[0] + '\n')
+        p = subprocess.run([sys.executable, 'data/tinyhh/rm_ceiling.py', f'--data_dir={tmp_path}'], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stderr
+        assert f"error: {tmp_path / 'prefs_train.jsonl'}:2: " in p.stderr and message in p.stderr, p.stderr

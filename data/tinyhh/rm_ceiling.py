@@ -21,7 +21,6 @@ test gold_accuracy (train_reward_model.py prints it at the end).
     python data/tinyhh/rm_ceiling.py --test_file=prefs_val.jsonl    # the validation pairs
     python data/tinyhh/rm_ceiling.py --data_dir=/tmp/tinyhh_seed2   # another draw of the world
 """
-import json
 import os
 import re
 import sys
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from configurator import configure  # noqa: E402
 from data.tinyhh import world  # noqa: E402
+from loaders import DataError, read_jsonl  # noqa: E402
 
 
 def template_patterns():
@@ -52,21 +52,34 @@ def template_patterns():
 PATTERNS = template_patterns()
 
 
+NEEDED = ('style_chosen', 'style_rejected', 'gold_chosen', 'gold_rejected')
+
+
 def template_of(style, response):
     """(style, index) of the template the response was rendered from; ValueError if none matches."""
+    if style not in world.TEMPLATES:
+        raise ValueError(f'unknown style {style!r}')
     for s, i, rx in PATTERNS:
         if s == style and rx.match(response):
             return s, i
     raise ValueError(f'no {style} template matches {response!r}')
 
 
-def pair_features(records, index):
+def pair_features(records, index, path='pairs'):
     """Template ids of chosen and rejected (ids from index, grown as new templates appear), the word
-    count difference chosen - rejected, the gold gap, and whether both are of one style."""
+    count difference chosen - rejected, the gold gap, and whether both are of one style. Record i
+    is line i + 1 of path (loaders.read_jsonl allows no blank lines), which errors name."""
     a, b, dlen, gap, same = [], [], [], [], []
-    for r in records:
-        for side, out in [('chosen', a), ('rejected', b)]:
-            out.append(index.setdefault(template_of(r['style_' + side], r[side]), len(index)))
+    for lineno, r in enumerate(records, start=1):
+        missing = [k for k in NEEDED if k not in r]
+        if missing:
+            raise DataError(f"{path}:{lineno}: missing {missing} (rm_ceiling.py reads the built-in world's "
+                            f"preference files, which record each side's style and gold score)")
+        try:
+            for side, out in [('chosen', a), ('rejected', b)]:
+                out.append(index.setdefault(template_of(r['style_' + side], r[side]), len(index)))
+        except ValueError as e:
+            raise DataError(f"{path}:{lineno}: {e}") from None
         dlen.append(len(r['chosen'].split()) - len(r['rejected'].split()))
         gap.append(r['gold_chosen'] - r['gold_rejected'])
         same.append(r['style_chosen'] == r['style_rejected'])
@@ -107,11 +120,12 @@ tie_margin = 0.1          # a gold gap under this is a tie for the 'clear' colum
 if __name__ == '__main__':
     configure(globals())
 
-    def read(name):
-        with open(os.path.join(data_dir, name), encoding='utf-8') as f:
-            return [json.loads(line) for line in f]
-    index = {}
-    train, test = pair_features(read('prefs_train.jsonl'), index), pair_features(read(test_file), index)
+    paths = [os.path.join(data_dir, 'prefs_train.jsonl'), os.path.join(data_dir, test_file)]
+    try:
+        index = {}
+        train, test = (pair_features(read_jsonl(p, 'prefs'), index, p) for p in paths)
+    except DataError as e:
+        sys.exit(f'error: {e}')
     labels = gold_accuracy(torch.ones(len(train[3]), dtype=torch.float64), train[3], train[4], tie_margin)
     print(f"{data_dir}: {len(train[0])} train pairs, {len(test[0])} test pairs, {len(index)} templates; "
           f"the rater's labels agree with gold on {labels['all'][0]:.3f} of train pairs "
