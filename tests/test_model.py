@@ -264,6 +264,27 @@ def test_static_decode_equals_dynamic(temperature):
         assert dynamic[3].sum(1).min() < dynamic[3].sum(1).max()
 
 
+def test_compiled_decode_is_one_graph_and_equals_dynamic(monkeypatch):
+    # decode='compiled' asks torch.compile for the whole step as ONE graph (fullgraph=True: what a
+    # CUDA graph replays); a graph break would raise here. aot_eager instead of inductor's
+    # 'reduce-overhead' (CUDA graphs need a GPU, and inductor's codegen takes minutes on a CPU)
+    asked, real_compile = [], torch.compile
+
+    def compile_aot_eager(fn, mode=None, fullgraph=False):
+        asked.append((mode, fullgraph))
+        return real_compile(fn, backend='aot_eager', fullgraph=fullgraph)
+    monkeypatch.setattr(torch, 'compile', compile_aot_eager)
+    torch._dynamo.reset()
+    model = tiny_gpt()
+    _, dynamic = sample(model, 0.7, seed=3)
+    _, compiled = sample(model, 0.7, seed=3, decode='compiled')
+    assert asked == [('reduce-overhead', True)]
+    for a, b in zip(dynamic[:2] + dynamic[3:], compiled[:2] + compiled[3:]):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(compiled[2], dynamic[2], rtol=0, atol=1e-5)
+    torch._dynamo.reset()
+
+
 def test_response_mask_stops_at_first_eos():
     model = tiny_gpt()
     max_new, eos_id = 20, 7
