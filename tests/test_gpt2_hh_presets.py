@@ -2,8 +2,9 @@
 The GPT-2 + HH-RLHF path, end to end on a CPU: config/*_gpt2_hh.py as a user runs them, in order
 (SFT from a GPT-2 directory, the reward model, PPO, DPO), on data/hh_rlhf/prepare.py's output for
 the hand-written HH fixture, with a tiny random GPT-2 of the real vocabulary (50257) saved the way
-Hugging Face saves one. Only the sizes are overridden (steps, batches, the model), so every other
-key of every preset is checked against its script, and the checkpoints carry the presets' values.
+Hugging Face saves one (init_from=<that directory> in place of 'gpt2', which downloads). Only sizes
+and paths are overridden (steps, batches, data files, out_dir), so every other key of every preset
+is checked against its script, and the checkpoints carry the presets' values.
 """
 import math
 
