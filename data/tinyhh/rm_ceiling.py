@@ -126,6 +126,7 @@ if __name__ == '__main__':
         train, test = (pair_features(read_jsonl(p, 'prefs'), index, p) for p in paths)
     except DataError as e:
         sys.exit(f'error: {e}')
+    # the labels themselves as a model: chosen always above rejected (delta = +1), scored against gold
     labels = gold_accuracy(torch.ones(len(train[3]), dtype=torch.float64), train[3], train[4], tie_margin)
     print(f"{data_dir}: {len(train[0])} train pairs, {len(test[0])} test pairs, {len(index)} templates; "
           f"the rater's labels agree with gold on {labels['all'][0]:.3f} of train pairs "
