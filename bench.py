@@ -2,8 +2,8 @@
 Time each stage's steady-state step in isolation, on synthetic data of fixed shapes (nanoGPT's
 bench.py, for RLHF): the SFT step, the reward-model step, the DPO step (reference log-probs online
 and precomputed) and one PPO iteration, split into rollout (policy.generate), scoring (reference,
-reward and value forwards, rewards, GAE) and update, at 1 epoch x 1 minibatch, 4 x 1 (TRL's
-default) and 4 x 2. Two rollout baselines beside ours: running the whole sequence at every step
+reward and value forwards, plus the policy's under bf16, where train_ppo.py recomputes it; rewards,
+GAE) and update, at 1 epoch x 1 minibatch, 4 x 1 (TRL's default) and 4 x 2. Two rollout baselines beside ours: running the whole sequence at every step
 (no KV cache), and Hugging Face generate on a GPT-2 of the same shape (when transformers is
 installed). Each step runs what the training scripts run: the same model calls, and the losses
 and PPO math imported from train_*.py (their source above the config banner).
@@ -26,17 +26,18 @@ import gc
 import os
 import resource
 import statistics
+import sys
 import time
 from types import SimpleNamespace
 
 import torch
 
-from common import default_compile, default_device, setup, wrap_for_training
+from common import default_compile, default_device, sampling_logprobs_exact, setup, wrap_for_training
 from configurator import check, configure
 from loaders import collate
 from model import GPT, GPTConfig
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(os.path.abspath(__file__))  # _: not a config key
 PRESETS = {  # what a 0 or '' below stands for
     'tiny': dict(n_layer=4, n_head=4, n_embd=128, vocab_size=8192, batch_size=16, prompt_len=32, response_len=32,
                  dtype='float32'),
@@ -47,7 +48,7 @@ PRESETS = {  # what a 0 or '' below stands for
 
 def script_functions(name):
     """The pure functions of a train_*.py script: its source above the '# default config values' banner."""
-    path = os.path.join(ROOT, name)
+    path = os.path.join(_ROOT, name)
     with open(path) as f:
         head = f.read().split('\n# default config values')[0]
     ns = {'__name__': name}
@@ -71,7 +72,7 @@ vocab_size = 0                  # vocabulary
 batch_size = 0                  # sequences per step (RM and DPO: pairs; PPO: prompts)
 prompt_len = 0                  # prompt tokens of every sequence
 response_len = 0                # response tokens of every sequence (PPO: new tokens sampled)
-dtype = ''                      # 'float32' | 'bfloat16' | 'float16' (autocast)
+dtype = ''                      # 'float32' | 'bfloat16' (autocast)
 device = default_device()       # 'cpu' | 'cuda' | 'cuda:1' ...
 threads = 2                     # torch threads on a CPU (0: torch's default)
 compile = default_compile()     # torch.compile the training passes, as the scripts' default (on for CUDA)
@@ -134,7 +135,8 @@ def peak_memory():
         with open('/proc/self/status') as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmHWM:'))
     except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the process's peak, not the stage's
+        return peak if sys.platform == 'darwin' else peak * 1024  # bytes on macOS, kB elsewhere
 
 
 def flops(model, n_tokens, ctx_len, head_rows, passes=3):
@@ -269,6 +271,7 @@ def bench_ppo():
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, eps=1e-5, fused=True)
     train_policy, train_value = for_training(policy), for_training(value_model)
     rows = torch.arange(B, device=device)
+    exact = sampling_logprobs_exact(dtype)
 
     def iteration(epochs, minibatches):
         """train_ppo.py's loop body, phases 1-5: rollout, score, rewards and GAE, update."""
@@ -288,6 +291,8 @@ def bench_ppo():
             rm_scores = reward_model(seq, attention_mask=seq_mask)[0][rows, P + lengths - 1]
             ref_logprobs = ref_model(seq[:, :-1], targets, seq_mask[:, :-1], temperature)[0][:, P - 1:]
             old_values = value_model(seq[:, :-1], attention_mask=seq_mask[:, :-1])[0][:, P - 1:] * response_mask
+            if not exact:  # train_ppo's rule: under bfloat16 / TF32, pi_old comes from a forward pass
+                old_logprobs = policy(seq[:, :-1], targets, seq_mask[:, :-1], temperature)[0][:, P - 1:]
         scores = ppo_fns.reward_scores(rm_scores.float(), ended, -1.0)
         rewards, _ = ppo_fns.per_token_rewards(scores, old_logprobs, ref_logprobs, response_mask, 0.05)
         advantages, returns = ppo_fns.gae(rewards, old_values, response_mask, 1.0, 0.95)
@@ -310,7 +315,7 @@ def bench_ppo():
         return t0, t1, t2, clock()
 
     gen_flops = flops(policy, B * P, P, B, 1) + sum(flops(policy, B, P + t + 1, B, 1) for t in range(R - 1))
-    score_flops = flops(reward_model, B * T, T, 0, 1) + flops(ref_model, B * (T - 1), T - 1, B * R, 1) + \
+    score_flops = flops(reward_model, B * T, T, 0, 1) + (1 if exact else 2) * flops(ref_model, B * (T - 1), T - 1, B * R, 1) + \
         flops(value_model, B * (T - 1), T - 1, 0, 1)
     epoch_flops = flops(policy, B * (T - 1), T - 1, B * R) + flops(value_model, B * (T - 1), T - 1, 0)
     @torch.no_grad()

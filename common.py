@@ -79,10 +79,12 @@ HUMAN, ASSISTANT = '\n\nHuman:', '\n\nAssistant:'
 
 
 def render_prompt(prompt):
-    """A plain user message becomes one Human turn; an HH-format conversation is kept as it is."""
-    if prompt.startswith(HUMAN) and prompt.endswith(ASSISTANT):
-        return prompt
-    return f"{HUMAN} {prompt.strip()}{ASSISTANT}"
+    """A plain user message becomes one Human turn; an HH-format conversation is kept as it is,
+    up to the whitespace at its two ends ("Human: hi\n\nAssistant: " reads as "\n\nHuman: hi\n\nAssistant:")."""
+    text = prompt.strip()
+    if text.startswith(HUMAN.strip()) and text.endswith(ASSISTANT.strip()):
+        return '\n\n' + text
+    return f"{HUMAN} {text}{ASSISTANT}"
 
 
 def render_response(response):
@@ -119,13 +121,17 @@ def save_checkpoint(path, model, optimizer, model_args, config, stage, step, **e
     mid-save leaves the previous checkpoint intact. Refuses to write non-finite weights.
     """
     state = unwrap(model).state_dict()
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    # the extras too: PPO's value model and kl_coef, the reward model's offset (best_val may be inf: none yet)
+    tensors = dict(state, **{f"{k}.{j}": v for k, d in extra.items() if isinstance(d, dict) for j, v in d.items()},
+                   **{k: torch.tensor(v) for k, v in extra.items() if isinstance(v, float) and k != 'best_val'})
+    bad = [k for k, v in tensors.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise FloatingPointError(f"refusing to save {path} at step {step}: non-finite weights in {bad[:3]}")
     ckpt = dict(model=state, optimizer=optimizer.state_dict() if optimizer is not None else None,
-                model_args=model_args, config=config, stage=stage, step=step,
-                rng=torch.get_rng_state(),
-                cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], **extra)
+                model_args=model_args, config=config, stage=stage, step=step, rng=torch.get_rng_state(),
+                # this process's device only: a resume may see fewer GPUs (every stage reseeds each step anyway)
+                cuda_rng=torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+                **extra)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -158,8 +164,8 @@ def require_checkpoint(path, stage, hint=''):
 
 def restore_rng(ckpt):
     torch.set_rng_state(ckpt['rng'])
-    if torch.cuda.is_available() and ckpt.get('cuda_rng'):
-        torch.cuda.set_rng_state_all(ckpt['cuda_rng'])
+    if torch.cuda.is_available() and torch.is_tensor(ckpt.get('cuda_rng')):
+        torch.cuda.set_rng_state(ckpt['cuda_rng'])
 
 
 def unwrap(model):
@@ -171,12 +177,17 @@ def unwrap(model):
 # training set-up: device, precision, DDP, schedule
 
 
-def setup(device, dtype, seed):
+def setup(device, dtype, seed, training=True):
     """
     Returns (ddp, rank, world_size, device, autocast context). Under torchrun (RANK set) one
     process per device, joined with NCCL on CUDA and gloo on CPU; rank 0 logs and saves.
+    Training takes float32 or bfloat16: float16 would need loss scaling, which no script here does.
     """
     import torch.distributed as dist
+    dtypes = ('float32', 'bfloat16') if training else ('float32', 'bfloat16', 'float16')
+    check(dtype in dtypes, f"dtype must be one of {', '.join(map(repr, dtypes))}, got {dtype!r}"
+          + (" (float16 training needs loss scaling, which these scripts do not do: use bfloat16 or float32)"
+             if dtype == 'float16' else ''))
     ddp = int(os.environ.get('RANK', -1)) != -1
     rank, world_size = 0, 1
     if ddp:
@@ -194,6 +205,14 @@ def setup(device, dtype, seed):
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
     ctx = nullcontext() if ptdtype == torch.float32 else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
     return ddp, rank, world_size, device, ctx
+
+
+def sampling_logprobs_exact(dtype):
+    """Are the log-probs generate() returns the ones a forward pass gives? In float32, yes (to 1e-6).
+    Under bfloat16 autocast or TF32 matmuls the one-token decode steps and the full-sequence pass
+    round differently (errors of 1e-2 nats), so PPO recomputes pi_old with a forward pass there:
+    then pi / pi_old is exactly 1 on the first minibatch and the KL to the reference 0 at step 0."""
+    return dtype == 'float32' and not torch.backends.cuda.matmul.allow_tf32
 
 
 def wrap_for_training(model, compile, ddp, device, grad_checkpoint=False):

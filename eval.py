@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from common import decode_response, default_device, encode_prompt, get_tokenizer, load_checkpoint, model_from_checkpoint
+from common import decode_response, default_device, encode_prompt, get_tokenizer, model_from_checkpoint, require_checkpoint
 from configurator import check, configure
 from data.tinyhh.world import analyze
 from loaders import collate, read_jsonl
@@ -51,6 +51,7 @@ out_json = 'out/eval.json'                    # where the numbers go
 device = default_device()                     # 'cpu' | 'cuda'
 # -----------------------------------------------------------------------------
 config = configure(globals())
+POLICY_STAGES = ('sft', 'ppo', 'dpo')  # checkpoints that generate; a reward model's lm head was never trained
 check(temperature > 0, "temperature must be > 0: the KL is measured on samples")
 torch.set_grad_enabled(False)
 
@@ -58,10 +59,14 @@ records = read_jsonl(prompt_file, 'rl')[:n_prompts or None]
 questions = [r['prompt'] for r in records]
 
 
-def load(path, **kw):
-    ckpt = load_checkpoint(path, hint='train that stage first (see README)')
-    model, args = model_from_checkpoint(ckpt, **kw)
-    return model.to(device).eval(), args, ckpt.get('stage', os.path.basename(os.path.dirname(path)))
+def load(path, stages):
+    """A checkpoint of one of stages, as an eval-mode model: (model, model_args, stage)."""
+    ckpt = require_checkpoint(path, stage=stages, hint='train that stage first (see README)')
+    check(ckpt['stage'] != 'rm' or 'reward_offset' in ckpt,
+          f"{path}: the reward model's run stopped before it centred the rewards; finish it with "
+          f"python train_reward_model.py --init_from=resume")
+    model, args = model_from_checkpoint(ckpt)
+    return model.to(device).eval(), args, ckpt['stage']
 
 
 def sample(model, enc):
@@ -123,11 +128,11 @@ results, answers = {}, {}  # name -> metrics; name -> (gold scores, texts)
 if crowd_file:
     crowd = read_jsonl(crowd_file, 'sft')
     results['crowd'] = summarize([analyze(r['prompt'], r['response']) for r in crowd])
-base_model, base_args, _ = load(baseline)
+base_model, base_args, _ = load(baseline, POLICY_STAGES)
 enc = get_tokenizer(base_args['vocab_size'])
-reward_model = load(rm_ckpt)[0] if rm_ckpt else None
+reward_model = load(rm_ckpt, 'rm')[0] if rm_ckpt else None
 for path in ckpts.split(','):
-    model, args, stage = load(path)
+    model, args, stage = load(path, POLICY_STAGES)
     check(args['vocab_size'] == base_args['vocab_size'], f"{path} and {baseline} use different vocabularies")
     name = stage if stage not in results else f"{stage}:{path}"
     texts, ended, responses, prompts = sample(model, enc)
@@ -147,9 +152,11 @@ if baseline not in ckpts.split(','):  # judge the baseline's own answers, same s
 for name, (gold, texts) in answers.items():
     diff = torch.tensor(gold) - torch.tensor(base_gold)
     wins, losses = (diff > tie_margin).sum().item(), (diff < -tie_margin).sum().item()
-    results[name]['win'] = wins / max(1, wins + losses)
     results[name]['ties'] = 1 - (wins + losses) / len(gold)
-    results[name]['win_strict'] = (diff > 0).sum().item() / max(1, (diff != 0).sum().item())
+    if wins + losses:  # all ties (the baseline against itself): no win rate, the table prints '-'
+        results[name]['win'] = wins / (wins + losses)
+    if (diff != 0).any():
+        results[name]['win_strict'] = (diff > 0).sum().item() / (diff != 0).sum().item()
 
 # -----------------------------------------------------------------------------
 # the table, the JSON, a few answers side by side

@@ -68,11 +68,14 @@ def main_run_value(main_dir, ckpt_name, key):
     if not (reuse and os.path.exists(os.path.join(main_dir, 'DONE')) and os.path.isfile(path)):
         return None
     import torch  # only here: plotting alone needs no torch
-    return torch.load(path, map_location='cpu', weights_only=True)['config'].get(key)
+    config = torch.load(path, map_location='cpu', weights_only=True)['config']
+    if os.path.abspath(config.get('sft_ckpt', '')) != os.path.abspath(sft_ckpt):
+        return None  # it started from another SFT model than the sweep does
+    return config.get(key)
 
 
 def train(script, run_dir, key, value, extra, main_dir, ckpt_name):
-    """One run of the sweep unless it finished before; the sweep's value and out_dir come last, so they win.
+    """One run of the sweep unless it finished before; sft_ckpt, the sweep's value and out_dir come last, so they win.
     When extra is empty and the value is the main run's, that run's checkpoint is linked in instead."""
     if os.path.exists(os.path.join(run_dir, 'DONE')):
         print(f"== {run_dir}: done already, skipping")
@@ -85,7 +88,8 @@ def train(script, run_dir, key, value, extra, main_dir, ckpt_name):
         print(f"== {run_dir}: the main run's {key} ({main_dir}), reused")
         return
     resume = ['--init_from=resume'] if os.path.exists(os.path.join(run_dir, 'ckpt.pt')) else []
-    run([sys.executable, script, *shlex.split(extra), f'--{key}={value}', f'--out_dir={run_dir}', *resume])
+    run([sys.executable, script, *shlex.split(extra), f'--sft_ckpt={sft_ckpt}', f'--{key}={value}', f'--out_dir={run_dir}',
+         *resume])
     open(os.path.join(run_dir, 'DONE'), 'w').close()
 
 

@@ -112,15 +112,17 @@ class LinearLogprobs(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type='cuda')
     def forward(ctx, h, weight, targets, temperature, with_entropy):
         logits = h @ weight.t()  # (N, V): the one big tensor
-        if temperature != 1.0:
-            logits.div_(temperature)
-        logp = logits.gather(1, targets[:, None]).squeeze(1).float()  # z[target], then minus logsumexp(z)
+        # z = logits / temperature, always in float32 (as in generate): a bfloat16 division would round twice
+        logp = logits.gather(1, targets[:, None]).squeeze(1).float().div_(temperature)  # z[target], then minus logsumexp(z)
         sums = torch.empty_like(logp)  # sum exp(z - max) per row
         entropy = torch.empty_like(logp) if with_entropy else None
         for i in range(0, logits.size(0), 1024):  # chunks keep float32 temporaries small
             chunk = logits[i:i + 1024]
-            m = chunk.amax(-1).float()
-            z = chunk.float().sub_(m[:, None])  # z - max: in place when the logits are float32
+            z = chunk.float()  # the logits themselves when they are float32: what follows runs in place
+            if temperature != 1.0:
+                z.div_(temperature)
+            m = z.amax(-1)
+            z.sub_(m[:, None])  # z - max
             e = z.exp() if with_entropy else z.exp_()  # exp(z - max)
             s = e.sum(-1)
             sums[i:i + 1024] = s
@@ -368,6 +370,12 @@ class GPT(nn.Module):
         path = name_or_dir if os.path.isdir(name_or_dir) else download_gpt2(name_or_dir)
         with open(os.path.join(path, 'config.json')) as f:
             hf = json.load(f)
+        if hf.get('n_inner') == 4 * hf['n_embd']:
+            hf['n_inner'] = None  # None means 4 x n_embd
+        changed = {k: hf[k] for k, v in GPT2_ARCHITECTURE.items() if k in hf and hf[k] != v}
+        if changed:  # a variant this GPT does not implement would load without error and compute something else
+            raise ValueError(f"{path}/config.json: {changed} differ from GPT-2's {({k: GPT2_ARCHITECTURE[k] for k in changed})}, "
+                             f"which is the architecture this model implements")
         config = GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
                            n_head=hf['n_head'], n_embd=hf['n_embd'], dropout=dropout, bias=True,
                            scalar_head=scalar_head)
@@ -381,8 +389,10 @@ class GPT(nn.Module):
         # GPT2Model saves 'h.0...', GPT2LMHeadModel 'transformer.h.0...'; the causal-mask buffers
         # and the tied lm_head are not weights we need
         sd_hf = {k.removeprefix('transformer.'): v for k, v in sd_hf.items()}
-        sd_hf = {k: v for k, v in sd_hf.items() if not k.endswith(('.attn.bias', '.attn.masked_bias'))
-                 and k != 'lm_head.weight'}
+        head = sd_hf.pop('lm_head.weight', None)
+        if head is not None and 'wte.weight' in sd_hf and not torch.equal(head, sd_hf['wte.weight']):
+            raise ValueError(f"{path}: lm_head.weight differs from wte.weight; this GPT ties the two, as GPT-2 does")
+        sd_hf = {k: v for k, v in sd_hf.items() if not k.endswith(('.attn.bias', '.attn.masked_bias'))}
         sd = model.state_dict()
         ours = {k.removeprefix('transformer.'): k for k in sd if k != 'lm_head.weight' and not k.startswith('scalar_head')}
         missing, unexpected = set(ours) - set(sd_hf), set(sd_hf) - set(ours)
@@ -397,6 +407,12 @@ class GPT(nn.Module):
                     raise ValueError(f"{path}: {k_hf} has shape {tuple(w.shape)}, expected {tuple(sd[k].shape)}")
                 sd[k].copy_(w)
         return model
+
+
+# config.json keys of Hugging Face's GPT2Config that change the computation, at GPT-2's values: the only ones
+# this model implements (tanh GELU, LayerNorm eps 1e-5, a 4x MLP, attention scaled by 1/sqrt(head size), tied head)
+GPT2_ARCHITECTURE = dict(activation_function='gelu_new', layer_norm_epsilon=1e-5, n_inner=None, scale_attn_weights=True,
+                         scale_attn_by_inverse_layer_idx=False, tie_word_embeddings=True)
 
 
 def filter_logits(logits, top_k=None, top_p=None):

@@ -11,17 +11,17 @@ cd "$(dirname "$0")"
 if [ "${1:-}" = "--fresh" ]; then rm -rf out; shift; fi
 start=$(date +%s)
 
-[ -f data/tinyhh/meta.json ] || python data/tinyhh/prepare.py
+python data/tinyhh/prepare.py --if_stale=True  # (re)writes the data when it is missing or came from other code
 
 # stage NAME SCRIPT ARGS...: run SCRIPT unless out/NAME/DONE exists; resume an interrupted run
 stage() {
     local name=$1 script=$2; shift 2
     if [ -f "out/$name/DONE" ]; then echo "== $name: done already (out/$name), skipping"; return; fi
-    local resume=()
-    if [ -f "out/$name/ckpt.pt" ]; then resume=(--init_from=resume); fi
-    echo "== $name: python $script $* ${resume[*]}"
+    local resume=''  # a plain string: an empty array trips set -u on bash before 4.4 (macOS's)
+    if [ -f "out/$name/ckpt.pt" ]; then resume=--init_from=resume; fi
+    echo "== $name: python $script $* $resume"
     local t0=$(date +%s)
-    python "$script" "$@" "${resume[@]}"
+    python "$script" "$@" $resume
     touch "out/$name/DONE"
     echo "== $name: finished in $(( $(date +%s) - t0 )) s"
 }

@@ -46,7 +46,7 @@ check(stage != 'rm' and not checkpoint['model_args'].get('scalar_head'),
       f"{ckpt} is a reward model (stage {stage!r}): it scores a response with one number and has no "
       f"language model to sample from; chat with an sft, ppo or dpo checkpoint instead")
 block_size, step = checkpoint['model_args']['block_size'], checkpoint.get('step')
-_, _, _, device, ctx = setup(device, dtype, seed)
+_, _, _, device, ctx = setup(device, dtype, seed, training=False)
 model, model_args = model_from_checkpoint(checkpoint)
 model.to(device).eval()
 del checkpoint
@@ -91,8 +91,15 @@ def answer(question):
 if prompt:
     questions = [prompt]
 elif prompt_file:
-    with open(prompt_file) as f:
-        questions = [line.strip() for line in f if line.strip()]
+    questions = []
+    with open(prompt_file, 'rb') as f:
+        for lineno, line in enumerate(f, start=1):
+            try:
+                line = line.decode('utf-8')
+            except UnicodeDecodeError as e:
+                check(False, f"{prompt_file}:{lineno}: invalid UTF-8 at byte {e.start}")
+            if line.strip():
+                questions.append(line.strip())
 else:
     questions = None  # interactive
 

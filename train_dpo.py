@@ -99,7 +99,7 @@ eval_batches = 16                             # micro-batches per validation eva
 seed = 1337                                   # seeds the data order
 # system
 device = default_device()                     # 'cpu' | 'cuda' | 'cuda:1' ...
-dtype = default_dtype()                       # 'float32' | 'bfloat16' | 'float16'
+dtype = default_dtype()                       # 'float32' | 'bfloat16' (float16 would need loss scaling)
 compile = default_compile()                   # torch.compile the policy: on by default on CUDA, off on a CPU
 grad_checkpoint = False                       # recompute activations in the backward pass: less memory (gpt2-large/xl), ~1/3 slower
 # -----------------------------------------------------------------------------
@@ -110,7 +110,7 @@ check(beta > 0 and 0 <= label_smoothing < 0.5, "need beta > 0 and 0 <= label_smo
 check(label_smoothing == 0 or loss_type == 'sigmoid', "label_smoothing applies to loss_type='sigmoid' only")
 check(batch_size > 0 and micro_batch_size > 0 and max_steps >= 0, "need batch_size, micro_batch_size > 0 and max_steps >= 0")
 check(learning_rate > 0 and grad_clip >= 0, "need learning_rate > 0 and grad_clip >= 0")
-check(eval_interval > 0 and eval_batches >= 0, "need eval_interval > 0 and eval_batches >= 0")
+check(eval_interval > 0 and eval_batches >= 0 and warmup_steps >= 0, "need eval_interval > 0, eval_batches >= 0, warmup_steps >= 0")
 
 # -----------------------------------------------------------------------------
 # set-up: processes, device, precision
@@ -249,20 +249,23 @@ if master:
 log = open(os.path.join(out_dir, 'log.jsonl'), 'a') if master else None
 model.train()
 t0, tokens_seen, train_metrics, val_metrics = time.time(), 0, {}, {}
-bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, disable=not master, desc='dpo', mininterval=1.0)
+# steps run 0 .. max_steps - 1; the extra pass at step == max_steps evaluates and saves the final weights
+bar = tqdm(range(start_step, max_steps + 1), initial=start_step, total=max_steps, disable=not master, desc='dpo', mininterval=1.0)
 for step in bar:
     lr = get_lr(step, learning_rate, warmup_steps, max_steps, min_lr_ratio)
-    if step % eval_interval == 0 or step == max_steps - 1:
+    if step % eval_interval == 0 or step == max_steps:
         val_metrics = evaluate()
         if master:
             improved = val_metrics['loss'] < best_val
             best_val = min(best_val, val_metrics['loss'])
+            if improved:  # best.pt first: a kill between the two saves resumes before this step and redoes both
+                save(best_path, step, None)
             if math.isfinite(val_metrics['loss']):  # weights that give a NaN/inf loss are never the state to resume from
                 save(ckpt_path, step, optimizer)  # the latest state, to resume from
-            if improved:
-                save(best_path, step, None)
             tqdm.write(f"step {step}: val {fmt(val_metrics)}{' (best)' if improved else ''}, lr {lr:.2e}")
             log.write(json.dumps({'step': step, **{f'val/{k}': v for k, v in val_metrics.items()}}) + '\n')
+    if step == max_steps:
+        break
 
     for group in optimizer.param_groups:
         group['lr'] = lr
@@ -294,7 +297,6 @@ for step in bar:
         log.flush()  # whole lines only: a run killed at any moment leaves a log that a resume can append to
 
 if master:
-    save(ckpt_path, max_steps, optimizer)
     dt = time.time() - t0
     print(f"done: {max_steps} steps, final train loss {train_metrics.get('loss', float('nan')):.4f}, "
           f"train accuracy {train_metrics.get('rewards/accuracies', float('nan')):.3f}, best val loss {best_val:.4f}, "

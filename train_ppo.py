@@ -38,8 +38,8 @@ import torch
 from tqdm import tqdm
 
 from common import (all_reduce_mean, check_finite, default_compile, decode_response, default_device, default_dtype,
-                    get_tokenizer, model_from_checkpoint, require_checkpoint, restore_rng, save_checkpoint, setup,
-                    wrap_for_training)
+                    get_tokenizer, model_from_checkpoint, require_checkpoint, restore_rng, sampling_logprobs_exact,
+                    save_checkpoint, setup, wrap_for_training)
 from configurator import check, configure
 from loaders import batch_indices, read_jsonl, tokenize_prompts
 
@@ -118,7 +118,8 @@ def kl_estimators(logprobs, ref_logprobs):
 
 
 def adaptive_kl(kl_coef, kl, target_kl, horizon, n_steps):
-    """Ziegler et al.'s controller: move kl_coef by at most 20% toward keeping kl at target_kl."""
+    """Ziegler et al.'s controller: kl_coef *= 1 + e * n_steps / horizon, where the error e = kl / target_kl - 1
+    is clipped to +-0.2: a change of at most 0.2 * n_steps / horizon per iteration."""
     error = max(-0.2, min(0.2, kl / target_kl - 1))
     return kl_coef * (1 + error * n_steps / horizon)
 
@@ -161,8 +162,8 @@ ckpt_interval = 20                            # iterations between checkpoints
 sample_interval = 20                          # iterations between printed sample responses
 seed = 1337                                   # seeds the prompt order and the sampling
 device = default_device()                     # 'cpu' | 'cuda' | 'cuda:1' ...
-dtype = default_dtype()                       # 'float32' | 'bfloat16' | 'float16'
-rollout_logprobs = True                       # old log-probs from sampling (exact in fp32); False: a forward pass
+dtype = default_dtype()                       # 'float32' | 'bfloat16' (float16 would need loss scaling)
+rollout_logprobs = True                       # old log-probs from sampling where exact (float32, no TF32); else a forward pass
 compile = default_compile()                   # torch.compile the training passes: on by default on CUDA, off on a CPU
 grad_checkpoint = False                       # recompute activations in the backward pass: less memory (gpt2-large/xl), ~1/3 slower
 decode = 'dynamic'                            # rollout decode steps: 'dynamic' | 'static' | 'compiled' (CUDA graphs on a GPU; see model.generate)
@@ -186,11 +187,14 @@ check(mini_batch_size % (micro_batch_size * world_size) == 0,
 device_type = 'cuda' if 'cuda' in device else 'cpu'
 rollout_batch = batch_size // world_size      # prompts this process samples per iteration
 grad_accum = mini_batch_size // (micro_batch_size * world_size)
+rollout_logprobs = rollout_logprobs and sampling_logprobs_exact(dtype)  # bfloat16, TF32: pi_old from a forward pass
 
 # -----------------------------------------------------------------------------
 # four models
 sft = require_checkpoint(sft_ckpt, stage='sft', hint='run python train_sft.py first')
 rm = require_checkpoint(rm_ckpt, stage='rm', hint='run python train_reward_model.py first')
+check('reward_offset' in rm, f"{rm_ckpt}: the reward model's run stopped before it centred the rewards; "
+      f"finish it with python train_reward_model.py --init_from=resume")
 check(sft['model_args']['vocab_size'] == rm['model_args']['vocab_size'],
       f"{sft_ckpt} and {rm_ckpt} use different vocabularies ({sft['model_args']['vocab_size']} vs {rm['model_args']['vocab_size']})")
 check(max_prompt_len + max_new_tokens <= sft['model_args']['block_size'],
@@ -303,6 +307,8 @@ for it in bar:
         order = torch.randperm(len(batch))
         for start in range(0, len(batch), mb_rows):
             mb = order[start:start + mb_rows]
+            # each token weighs the same in the minibatch's loss, whatever micro-batch or process it sits in
+            mb_tokens = all_reduce_mean(response_mask[mb].sum(), ddp) * world_size
             for k in range(0, len(mb), micro_rows):
                 rows = mb[k:k + micro_rows]
                 if ddp:  # sync gradients only on the last micro-batch
@@ -313,7 +319,9 @@ for it in bar:
                     new_values = values_of(train_value, seq[rows], seq_mask[rows], P)
                 pg_loss, pg_clipfrac, approxkl, ratio = ppo_policy_loss(new_logprobs, old_logprobs[rows], advantages[rows], mask, cliprange)
                 vf_loss, vf_clipfrac = ppo_value_loss(new_values.float(), old_values[rows], returns[rows], mask, cliprange_value)
-                loss = (pg_loss + vf_coef * vf_loss) * len(rows) / len(mb)
+                # the micro-batch's token means, weighted to a share of the minibatch's token mean;
+                # DDP averages gradients over processes, hence * world_size
+                loss = (pg_loss + vf_coef * vf_loss) * mask.sum() / mb_tokens * world_size
                 loss.backward()
                 if ratio_dev is None:  # the first minibatch of the first epoch: pi == pi_old exactly
                     ratio_dev = ((ratio - 1).abs() * mask).max().item()
@@ -349,7 +357,7 @@ for it in bar:
                        f"len {row['response_length']:.1f} ended {row['ended']:.2f} clipfrac {row['pg_clipfrac']:.3f} "
                        f"approxkl {row['approxkl']:.4f} entropy {row['entropy']:.3f} vf_loss {row['vf_loss']:.4f} "
                        f"explained_var {row['explained_variance']:.3f}")
-            for i in range(2):
+            for i in range(min(2, len(batch))):
                 tqdm.write(f"  {enc.decode(batch[i]).strip()!r} -> {decode_response(enc, seq[i, P:].tolist())!r}")
         if (it + 1) % ckpt_interval == 0 or it == max_iters - 1:
             save_checkpoint(os.path.join(out_dir, 'ckpt.pt'), policy, optimizer, model_args, config, 'ppo', it + 1,

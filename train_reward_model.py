@@ -87,7 +87,7 @@ gold_tie_margin = 0.1                         # gold_accuracy_clear counts only 
 seed = 1337                                   # seeds the data order
 # system
 device = default_device()                     # 'cpu' | 'cuda' | 'cuda:1' ...
-dtype = default_dtype()                       # 'float32' | 'bfloat16' | 'float16'
+dtype = default_dtype()                       # 'float32' | 'bfloat16' (float16 would need loss scaling)
 compile = default_compile()                   # torch.compile the model: on by default on CUDA, off on a CPU
 grad_checkpoint = False                       # recompute activations in the backward pass: less memory (gpt2-large/xl), ~1/3 slower
 # -----------------------------------------------------------------------------
@@ -95,7 +95,8 @@ config = configure(globals())
 check(init_from in ('sft', 'resume'), f"init_from must be 'sft' or 'resume', got {init_from!r}")
 check(batch_size > 0 and micro_batch_size > 0 and max_steps >= 0, "need batch_size, micro_batch_size > 0 and max_steps >= 0")
 check(learning_rate > 0 and grad_clip >= 0 and 0 <= dropout < 1, "need learning_rate > 0, grad_clip >= 0, 0 <= dropout < 1")
-check(eval_interval > 0 and eval_batches >= 0 and norm_examples > 0, "need eval_interval > 0, eval_batches >= 0, norm_examples > 0")
+check(eval_interval > 0 and eval_batches >= 0 and norm_examples > 0 and warmup_steps >= 0,
+      "need eval_interval > 0, eval_batches >= 0, norm_examples > 0, warmup_steps >= 0")
 
 # -----------------------------------------------------------------------------
 # set-up: processes, device, precision
@@ -144,6 +145,8 @@ def load_pairs(path):
 
 train, _ = load_pairs(train_file)
 val, val_gold = load_pairs(val_file)
+test, test_gold = load_pairs(test_file) if test_file else (None, None)  # read now: a bad file stops the run before training
+demos = tokenize_sft(read_jsonl(sft_train_file, 'sft'), enc, block_size, sft_train_file)[:norm_examples]
 if train_subset:
     train = train[:train_subset]
 check(len(train) >= batch_size, f"{train_file}: {len(train)} pairs, fewer than one batch of {batch_size}")
@@ -211,21 +214,25 @@ if master:
 log = open(os.path.join(out_dir, 'log.jsonl'), 'a') if master else None
 model.train()
 t0, tokens_seen, train_metrics = time.time(), 0, {}
-bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, disable=not master, desc='rm', mininterval=1.0)
+# steps run 0 .. max_steps - 1; the extra pass at step == max_steps evaluates and saves the final weights
+bar = tqdm(range(start_step, max_steps + 1), initial=start_step, total=max_steps, disable=not master, desc='rm', mininterval=1.0)
 for step in bar:
     torch.manual_seed(seed + 100_003 * step + rank)  # dropout masks from (seed, step, rank): a resume under DDP is exact too
     lr = get_lr(step, learning_rate, warmup_steps, max_steps, min_lr_ratio)
-    if step % eval_interval == 0 or step == max_steps - 1:
+    if step % eval_interval == 0 or step == max_steps:
         val_metrics = evaluate(val, val_gold, eval_batches)
         if master:
             improved = val_metrics['loss'] < best_val
             best_val = min(best_val, val_metrics['loss'])
+            # best.pt first: a kill between the two saves resumes before this step and redoes both
+            if (improved and select_best) or (step == max_steps and not select_best):
+                save(best_path, step, None)  # centred at the end, below
             if math.isfinite(val_metrics['loss']):  # weights that give a NaN/inf loss are never the state to resume from
                 save(ckpt_path, step, optimizer)  # the latest state, to resume from
-            if improved and select_best:
-                save(best_path, step, None)
             tqdm.write(f"step {step}: val {fmt(val_metrics)}{' (best)' if improved else ''}, lr {lr:.2e}")
             log.write(json.dumps({'step': step, **{f'val/{k}': v for k, v in val_metrics.items()}}) + '\n')
+    if step == max_steps:
+        break
 
     for group in optimizer.param_groups:
         group['lr'] = lr
@@ -259,9 +266,6 @@ for step in bar:
         log.write(json.dumps({'step': step, **{f'train/{k}': v for k, v in train_metrics.items()}, 'lr': lr}) + '\n')
         log.flush()  # whole lines only: a run killed at any moment leaves a log that a resume can append to
 if master:
-    save(ckpt_path, max_steps, optimizer)
-    if not select_best:
-        save(best_path, max_steps, None)
     log.flush()
 dt = time.time() - t0
 
@@ -273,9 +277,8 @@ best = load_checkpoint(best_path, stage='rm')
 model.load_state_dict(best['model'])
 final = {'val': evaluate(val, val_gold, 0)}
 if test_file:
-    final['test'] = evaluate(*load_pairs(test_file), 0)
+    final['test'] = evaluate(test, test_gold, 0)
 if master:
-    demos = tokenize_sft(read_jsonl(sft_train_file, 'sft'), enc, block_size, sft_train_file)[:norm_examples]
     model.eval()
     total = 0.0
     with torch.no_grad():

@@ -64,17 +64,18 @@ grad_clip = 1.0                               # clip the gradient norm at this v
 skip_nonfinite = False                        # on a NaN/inf loss or gradient: skip the step (True) or stop (False)
 # evaluation, logging, checkpoints
 eval_interval = 200                           # steps between validation evals (and checkpoints)
-eval_batches = 8                              # micro-batches per validation eval
+eval_batches = 8                              # micro-batches per validation eval (0: all of val_file)
 seed = 1337                                   # seeds the data order and the initialisation
 # system
 device = default_device()                     # 'cpu' | 'cuda' | 'cuda:1' ...
-dtype = default_dtype()                       # 'float32' | 'bfloat16' | 'float16'
+dtype = default_dtype()                       # 'float32' | 'bfloat16' (float16 would need loss scaling)
 compile = default_compile()                   # torch.compile the model: on by default on CUDA, off on a CPU
 grad_checkpoint = False                       # recompute activations in the backward pass: less memory (gpt2-large/xl), ~1/3 slower
 # -----------------------------------------------------------------------------
 config = configure(globals())
 check(batch_size > 0 and micro_batch_size > 0 and max_steps > 0, "batch_size, micro_batch_size and max_steps must be > 0")
 check(learning_rate > 0 and grad_clip >= 0 and 0 <= dropout < 1, "need learning_rate > 0, grad_clip >= 0, 0 <= dropout < 1")
+check(eval_interval > 0 and eval_batches >= 0 and warmup_steps >= 0, "need eval_interval > 0, eval_batches >= 0, warmup_steps >= 0")
 
 # -----------------------------------------------------------------------------
 # set-up: processes, device, precision
@@ -126,12 +127,12 @@ if master:
 
 @torch.no_grad()
 def evaluate():
-    """Mean per-token validation loss over the first eval_batches micro-batches of val."""
+    """Mean per-token validation loss over the first eval_batches micro-batches of val (0: all of it)."""
     model.eval()
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-    for i in range(rank * micro_batch_size, min(len(val), eval_batches * micro_batch_size * world_size),
-                   micro_batch_size * world_size):
-        seq, targets, _ = collate(val[i:i + micro_batch_size], enc.eot_token, device)
+    stop = len(val) if eval_batches == 0 else min(len(val), eval_batches * micro_batch_size * world_size)
+    for i in range(rank * micro_batch_size, stop, micro_batch_size * world_size):
+        seq, targets, _ = collate(val[i:min(i + micro_batch_size, stop)], enc.eot_token, device)
         with ctx:
             logprobs, _ = model(seq[:, :-1], targets)
         total -= logprobs.sum()
@@ -151,21 +152,24 @@ if master:
 log = open(os.path.join(out_dir, 'log.jsonl'), 'a') if master else None
 model.train()
 t0, tokens_seen, loss_value = time.time(), 0, float('nan')
-bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, disable=not master, desc='sft', mininterval=1.0)
+# steps run 0 .. max_steps - 1; the extra pass at step == max_steps evaluates and saves the final weights
+bar = tqdm(range(start_step, max_steps + 1), initial=start_step, total=max_steps, disable=not master, desc='sft', mininterval=1.0)
 for step in bar:
     torch.manual_seed(seed + 100_003 * step + rank)  # dropout masks from (seed, step, rank): a resume under DDP is exact too
     lr = get_lr(step, learning_rate, warmup_steps, max_steps, min_lr_ratio)
-    if step % eval_interval == 0 or step == max_steps - 1:
+    if step % eval_interval == 0 or step == max_steps:
         val_loss = evaluate()
         if master:
             improved = val_loss < best_val
             best_val = min(best_val, val_loss)
+            if improved:  # best.pt first: a kill between the two saves resumes before this step and redoes both
+                save_checkpoint(os.path.join(out_dir, 'best.pt'), model, None, model_args, config, 'sft', step, best_val=best_val)
             if math.isfinite(val_loss):  # weights that give a NaN/inf loss are never the state to resume from
                 save(step, best_val)  # the latest state, to resume from
-            if improved:
-                save_checkpoint(os.path.join(out_dir, 'best.pt'), model, None, model_args, config, 'sft', step, best_val=best_val)
             tqdm.write(f"step {step}: val loss {val_loss:.4f}{' (best)' if improved else ''}, lr {lr:.2e}")
             log.write(json.dumps({'step': step, 'val/loss': val_loss}) + '\n')
+    if step == max_steps:
+        break
 
     for group in optimizer.param_groups:
         group['lr'] = lr
@@ -199,7 +203,6 @@ for step in bar:
         log.flush()  # whole lines only: a run killed at any moment leaves a log that a resume can append to
 
 if master:
-    save(max_steps, best_val)
     dt = time.time() - t0
     print(f"done: {max_steps} steps, final train loss {loss_value:.4f}, best val loss {best_val:.4f}, "
           f"{dt:.0f} s ({tokens_seen * world_size / max(dt, 1e-9):.0f} tokens/s); best weights in {out_dir}/best.pt")

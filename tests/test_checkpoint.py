@@ -147,6 +147,23 @@ def test_non_finite_weights_are_not_saved(tmp_path):
     assert load_checkpoint(path, stage='sft')['step'] == 1
 
 
+def test_non_finite_extras_are_not_saved(tmp_path):
+    # PPO's value model and kl_coef ride along as extras: the same rule holds for them
+    model, optimizer = trained_tiny()
+    path = str(tmp_path / 'ckpt.pt')
+    value_model = {k: v.clone() for k, v in model.state_dict().items()}
+    save_checkpoint(path, model, optimizer, asdict(TINY), {}, 'ppo', 1, value_model=value_model, kl_coef=0.05,
+                    best_val=float('inf'))  # best_val inf: no eval yet, allowed
+    before = sha256(path)
+    value_model['transformer.ln_f.bias'][0] = float('nan')
+    with pytest.raises(FloatingPointError, match='non-finite.*value_model.transformer.ln_f.bias'):
+        save_checkpoint(path, model, optimizer, asdict(TINY), {}, 'ppo', 2, value_model=value_model, kl_coef=0.05)
+    value_model['transformer.ln_f.bias'][0] = 0.0
+    with pytest.raises(FloatingPointError, match="non-finite.*kl_coef"):
+        save_checkpoint(path, model, optimizer, asdict(TINY), {}, 'ppo', 2, value_model=value_model, kl_coef=float('nan'))
+    assert sha256(path) == before and leftovers(path) == []
+
+
 def test_crash_before_rename_keeps_previous_checkpoint(tmp_path, monkeypatch):
     model, optimizer = trained_tiny()
     path = str(tmp_path / 'ckpt.pt')

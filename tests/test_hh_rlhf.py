@@ -224,6 +224,30 @@ def test_download_then_reuse(tmp_path, monkeypatch):
     prepare.main([f'--out_dir={out}', '--subsets=helpful-base,harmless-base'])
     assert len(urls) == 4  # the second run finds the files and downloads nothing
 
+def test_bad_download_is_not_cached_and_a_damaged_cache_is_removed(tmp_path, monkeypatch):
+    gz = gzip.compress(('\n'.join(LINES) + '\n').encode())
+    bodies = [b'<html>Proxy login</html>', gz[:-30]]  # a 200 page that is no file; a body cut short
+
+    def fake(url, timeout=None):
+        return io.BytesIO(bodies.pop(0) if bodies else gz)
+    monkeypatch.setattr(urllib.request, 'urlopen', fake)
+    out = tmp_path / 'out'
+    for _ in range(2):
+        with pytest.raises(SystemExit, match='helpful-base/train.jsonl.gz: what came back is not a whole gzip file'):
+            prepare.main([f'--out_dir={out}', '--subsets=helpful-base'])
+        assert not (out / 'raw' / 'helpful-base' / 'train.jsonl.gz').exists()  # nothing cached
+    prepare.main([f'--out_dir={out}', '--subsets=helpful-base'])  # the third try gets whole files
+    assert len(loaders.read_jsonl(str(out / 'prefs_train.jsonl'), 'prefs')) == 5
+
+    # a cached file damaged later (a disk, a hand copy): removed with a message, and the rerun fetches it
+    cached = out / 'raw' / 'helpful-base' / 'test.jsonl.gz'
+    cached.write_bytes(gz[:-30])
+    with pytest.raises(SystemExit, match=f'{cached}: cannot read .*removed it: run again to download it afresh'):
+        prepare.main([f'--out_dir={out}', '--subsets=helpful-base'])
+    assert not cached.exists()
+    prepare.main([f'--out_dir={out}', '--subsets=helpful-base'])
+    assert cached.read_bytes() == gz
+
 # -----------------------------------------------------------------------------
 # the command line
 

@@ -165,6 +165,18 @@ def test_tokenize_prefs_same_prompt_both_sides(enc, capsys):
     assert out[1] == (encode_prompt(enc, 'a'), encode_response(enc, 'b'), encode_response(enc, 'c'))
 
 
+def test_tokenize_prefs_reports_pairs_that_truncation_makes_identical(enc, capsys):
+    same_start = 'They are kind and they are good and they are '
+    records = [{'prompt': 'a', 'chosen': 'b', 'rejected': 'c'},
+               {'prompt': 'Tell me about people.', 'chosen': same_start + 'kind.', 'rejected': same_start + 'evil.'}]
+    out = loaders.tokenize_prefs(records, enc, block_size=16, name='pairs.jsonl')
+    assert out[1][1] == out[1][2]  # kept (nothing is dropped), but identical within the block
+    printed = capsys.readouterr().out
+    assert 'pairs.jsonl: 1 of 2 pairs identical after truncation to 16 tokens (lines 2)' in printed
+    loaders.tokenize_prefs(records, enc, block_size=64, name='pairs.jsonl')
+    assert 'identical' not in capsys.readouterr().out
+
+
 def test_tokenize_prompts_keeps_the_end(enc, capsys):
     out = loaders.tokenize_prompts([{'prompt': 'word ' * 100}, {'prompt': 'hi'}], enc, max_prompt_len=16)
     assert 'prompts: 1 of 2 examples truncated to 16 tokens' in capsys.readouterr().out
@@ -261,7 +273,8 @@ GENERIC = {
     'unicode-and-escapes': lambda s: (dumps(rec(s, prompt='caf\u00e9 \U0001F600 \u2028 "q" \\ \n\tend')) + b'\n',
                                       ok(rec(s, prompt='caf\u00e9 \U0001F600 \u2028 "q" \\ \n\tend'))),
     'raw-utf8-non-ascii': lambda s: (json.dumps(rec(s, prompt='Grüße, 世界'), ensure_ascii=False).encode() + b'\n', ok(rec(s, prompt='Grüße, 世界'))),
-    'lone-surrogate-escape': lambda s: (dumps(rec(s, prompt='@')).replace(b'@', b'a\\ud800b') + b'\n', 'ok-surrogate'),
+    # valid JSON, but no character: tiktoken would turn it into U+FFFD without a word
+    'lone-surrogate-escape': lambda s: (around(s, dumps(rec(s, prompt='@')).replace(b'@', b'a\\ud800b')), err(2, 'surrogate')),
     'prompt-longer-than-block': lambda s: (dumps(rec(s, prompt='word ' * 5000)) + b'\n', ok(rec(s, prompt='word ' * 5000))),
 }
 
@@ -314,9 +327,6 @@ def test_read_jsonl_fuzz(tmp_path, schema, name):
         (r,) = read_jsonl(str(path), schema)
         assert {k: r[k] for k in loaders.SCHEMAS[schema]} == rec(schema)
         assert r['score'] != r['score'] and r['meta'] == {'a': [1]}  # NaN
-    elif expect == 'ok-surrogate':  # a lone surrogate escape is valid JSON; tiktoken encodes it
-        (r,) = read_jsonl(str(path), schema)
-        assert r['prompt'] == 'a\ud800b' and encode_prompt(get_tokenizer(), r['prompt'])
     elif expect[0] == 'ok':
         records = read_jsonl(str(path), schema)
         assert records == expect[1]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import model as model_module
-from model import GPT, GPTConfig, filter_logits
+from model import GPT, GPTConfig, LinearLogprobs, filter_logits
 
 TINY = dict(block_size=64, vocab_size=101, n_layer=2, n_head=2, n_embd=32)
 V = TINY['vocab_size']
@@ -443,6 +443,41 @@ def test_fused_logprobs_with_temperature_and_entropy():
     (logp * w).sum().backward()
     (ref_logp * w).sum().backward()
     assert_same_grads(model, ref)
+
+
+def test_fused_logprobs_divide_by_the_temperature_in_float32():
+    # under bfloat16 autocast the head's logits come out in bfloat16; z = logits / T must then be taken in
+    # float32, as generate() does: a bfloat16 division rounds again, by up to 0.5 at logits near 100
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(64, 32, generator=g), 20 * torch.randn(V, 32, generator=g)  # logits of about +-100
+    targets = torch.randint(0, V, (64,), generator=g)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        logp, _ = LinearLogprobs.apply(h, w, targets, 0.7, False)
+        logits = h @ w.t()
+    assert logits.dtype == torch.bfloat16 and logits.abs().max() > 100
+    expected = torch.log_softmax(logits.float() / 0.7, -1).gather(1, targets[:, None]).squeeze(1)
+    torch.testing.assert_close(logp, expected, atol=1e-4, rtol=0)
+
+
+def test_from_pretrained_rejects_architecture_variants(hf_gpt2, tmp_path):
+    # a GPT-2-shaped checkpoint whose config asks for math this GPT does not do would load and be wrong
+    hf, dirs = hf_gpt2
+    shutil.copy(dirs['safetensors'] / 'model.safetensors', tmp_path / 'model.safetensors')
+    config = json.loads((dirs['safetensors'] / 'config.json').read_text())
+    for key, value in [('layer_norm_epsilon', 1e-6), ('activation_function', 'relu'), ('n_inner', 64),
+                       ('scale_attn_by_inverse_layer_idx', True), ('tie_word_embeddings', False)]:
+        (tmp_path / 'config.json').write_text(json.dumps({**config, key: value}))
+        with pytest.raises(ValueError, match=f"config.json: .*'{key}'"):
+            GPT.from_pretrained(str(tmp_path))
+    (tmp_path / 'config.json').write_text(json.dumps({**config, 'n_inner': 4 * config['n_embd']}))  # = None
+    GPT.from_pretrained(str(tmp_path))
+    # an untied output head in the weights themselves
+    sd = {k: v.clone() for k, v in hf.state_dict().items()}
+    sd['lm_head.weight'] = sd['lm_head.weight'] + 1
+    (tmp_path / 'model.safetensors').unlink()
+    torch.save(sd, tmp_path / 'pytorch_model.bin')
+    with pytest.raises(ValueError, match='lm_head.weight differs from wte.weight'):
+        GPT.from_pretrained(str(tmp_path))
 
 
 def test_ignored_targets_change_nothing_else():

@@ -138,7 +138,7 @@ def make_tiny_world(tmp_path, n_prompts=32):
     rm = GPT(GPTConfig(**args, scalar_head=True))
     torch.nn.init.normal_(rm.scalar_head.weight, std=0.5)
     save_checkpoint(tmp_path / 'sft.pt', sft, None, args, {}, 'sft', 0)
-    save_checkpoint(tmp_path / 'rm.pt', rm, None, dict(args, scalar_head=True), {}, 'rm', 0)
+    save_checkpoint(tmp_path / 'rm.pt', rm, None, dict(args, scalar_head=True), {}, 'rm', 0, reward_offset=0.0)
     with open(tmp_path / 'prompts.jsonl', 'w') as f:
         for i in range(n_prompts):
             f.write(json.dumps({'prompt': f"what is {i} plus {i * 7 % 5}?" + ' please' * (i % 4)}) + '\n')
@@ -159,6 +159,44 @@ def test_ppo_script_ratio_identity(tmp_path):
         assert all(math.isfinite(v) for v in row.values())
         assert 0 <= row['ended'] <= 1 and 1 <= row['response_length'] <= 16
     assert log[-1]['kl'] != 0  # the policy moved away from the reference
+
+
+def test_ppo_bfloat16_recomputes_the_old_logprobs(tmp_path):
+    # under bfloat16 the decode steps and the full forward pass round differently, so pi_old comes from a
+    # forward pass: the KL to the reference is exactly 0 at iteration 0 and the first ratio is 1
+    args = make_tiny_world(tmp_path)
+    run_script('train_ppo.py', *args, '--dtype=bfloat16', '--max_iters=2', f'--out_dir={tmp_path / "ppo"}')
+    log = read_log(tmp_path / 'ppo' / 'log.jsonl')
+    assert log[0]['kl'] == 0.0
+    assert all(row['check/ratio_dev'] < 1e-3 for row in log), [row['check/ratio_dev'] for row in log]
+
+
+def test_ppo_micro_batches_do_not_change_the_update(tmp_path):
+    # responses of different lengths: a likely <|endoftext|> (the tied row, pushed by ln_f's bias)
+    args = make_tiny_world(tmp_path)
+    ckpt = torch.load(tmp_path / 'sft.pt', weights_only=True)
+    u = torch.nn.functional.normalize(torch.randn(32, generator=torch.Generator().manual_seed(0)), dim=0)
+    ckpt['model']['transformer.wte.weight'][511] = ckpt['model']['lm_head.weight'][511] = u
+    ckpt['model']['transformer.ln_f.bias'] = 3 * u
+    torch.save(ckpt, tmp_path / 'sft.pt')
+    states = {}
+    for micro in (4, 1):  # one pass per minibatch of 4 rows, or four
+        out = tmp_path / f'micro{micro}'
+        run_script('train_ppo.py', *args, '--max_iters=1', '--ppo_epochs=1', f'--micro_batch_size={micro}',
+                   '--learning_rate=1e-3', f'--out_dir={out}')
+        states[micro] = torch.load(out / 'ckpt.pt', weights_only=True)
+    lengths = read_log(tmp_path / 'micro4' / 'log.jsonl')[0]['response_length']
+    assert 1 < lengths < 15  # some responses ended early, others did not
+    for key in ('model', 'value_model'):
+        for k, v in states[4][key].items():
+            torch.testing.assert_close(states[1][key][k], v, rtol=1e-4, atol=1e-6, msg=f"{key}.{k}")
+
+
+def test_ppo_batch_of_one(tmp_path):
+    args = make_tiny_world(tmp_path)
+    run_script('train_ppo.py', *args, '--batch_size=1', '--mini_batch_size=1', '--micro_batch_size=1', '--max_iters=1',
+               f'--out_dir={tmp_path / "ppo"}')
+    assert torch.load(tmp_path / 'ppo' / 'ckpt.pt', weights_only=True)['step'] == 1
 
 
 def test_ppo_missing_checkpoint_says_which_stage(tmp_path):

@@ -220,7 +220,10 @@ def test_nonfinite_loss_stops_or_is_skipped(tmp_path):
 
     assert skipped == 0, skipped_err[-2000:]
     assert 'step 1: non-finite loss' in skipped_out and 'step skipped' in skipped_out
-    assert torch.load(skip / 'ckpt.pt', weights_only=True)['step'] == 8
+    # the skipped steps leave step 1's huge weights, whose val loss is NaN at every eval up to the final
+    # one (step 8): none of them is checkpointed, so ckpt.pt stays the last state with a finite val loss
+    assert 'step 8: val loss nan' in skipped_out
+    assert torch.load(skip / 'ckpt.pt', weights_only=True)['step'] == 0
     for name in ('ckpt.pt', 'best.pt'):
         assert finite(torch.load(skip / name, weights_only=True)['model']), name
 
@@ -250,8 +253,15 @@ def startup_failures(cases, monkeypatch, capsys):
 
 def other_vocab_rm(tmp_path):
     args = dict(TINY, vocab_size=1024, scalar_head=True)
-    save_checkpoint(tmp_path / 'rm1024.pt', GPT(GPTConfig(**args)), None, args, {}, 'rm', 0)
+    save_checkpoint(tmp_path / 'rm1024.pt', GPT(GPTConfig(**args)), None, args, {}, 'rm', 0, reward_offset=0.0)
     return str(tmp_path / 'rm1024.pt')
+
+
+def uncentred_rm(tmp_path):
+    """A reward model's best.pt as train_reward_model.py leaves it when killed before the centring."""
+    args = dict(TINY, scalar_head=True)
+    save_checkpoint(tmp_path / 'rm_uncentred.pt', GPT(GPTConfig(**args)), None, args, {}, 'rm', 8)
+    return str(tmp_path / 'rm_uncentred.pt')
 
 
 def test_bad_config_fails_at_startup(tmp_path, monkeypatch, capsys):
@@ -264,6 +274,12 @@ def test_bad_config_fails_at_startup(tmp_path, monkeypatch, capsys):
         ('sft: resume from an RM checkpoint', 'train_sft.py', sft + ['--init_from=resume', f'--out_dir={tmp_path / "not_sft"}'],
          "stage 'rm', expected 'sft'"),
         ('sft: nothing to resume', 'train_sft.py', sft + ['--init_from=resume', out], 'nothing to resume'),
+        ('sft: eval_interval 0', 'train_sft.py', sft + ['--eval_interval=0', out], 'eval_interval > 0'),
+        ('sft: warmup < 0', 'train_sft.py', sft + ['--warmup_steps=-1', out], 'warmup_steps >= 0'),
+        ('sft: dtype typo', 'train_sft.py', sft + ['--dtype=bf16', out], "dtype must be one of 'float32', 'bfloat16', got 'bf16'"),
+        ('sft: float16', 'train_sft.py', sft + ['--dtype=float16', out], 'float16 training needs loss scaling'),
+        ('ppo: a reward model never centred', 'train_ppo.py', ppo + [f'--rm_ckpt={uncentred_rm(tmp_path)}', out],
+         'stopped before it centred the rewards'),
         ('ppo: kl_coef < 0', 'train_ppo.py', ppo + ['--kl_coef=-0.1', out], 'kl_coef must be >= 0'),
         ('ppo: temperature 0', 'train_ppo.py', ppo + ['--temperature=0.0', out], 'temperature must be > 0'),
         ('ppo: prompt budget > block_size', 'train_ppo.py', ppo + ['--max_prompt_len=60', out], 'block_size 64'),
@@ -291,3 +307,38 @@ def test_rm_and_dpo_refuse_a_checkpoint_of_another_stage(tmp_path, monkeypatch, 
              for script in ('train_reward_model.py', 'train_dpo.py') if (ROOT / script).exists()]
     failures = startup_failures(cases, monkeypatch, capsys)
     assert not failures, '\n\n'.join(failures)
+
+
+# -----------------------------------------------------------------------------
+# the end of a run: the final weights are evaluated too; bad data stops a run before it trains
+
+
+@pytest.mark.parametrize('script, make_args', [('train_sft.py', sft_args), ('train_reward_model.py', rm_args),
+                                                ('train_dpo.py', prefs_args)])
+def test_final_weights_are_evaluated_and_saved(tmp_path, script, make_args):
+    # max_steps 8, eval_interval 4: evals at steps 0 and 4 (before those updates) and 8, after the last one
+    out = tmp_path / 'out'
+    (code, stdout, stderr), = run_all([(script, make_args(tmp_path) + ['--learning_rate=1e-3', f'--out_dir={out}'])])
+    assert code == 0, stderr[-2000:]
+    evals = [row['step'] for row in read_log(out / 'log.jsonl') if any(k.startswith('val/') for k in row)]
+    assert evals[:3] == [0, 4, 8]
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert ckpt['step'] == 8
+    best = torch.load(out / 'best.pt', weights_only=True)
+    if script == 'train_reward_model.py':  # best.pt: the final weights, centred on the demonstrations
+        assert best['step'] == 8 and 'reward_offset' in best
+        head = 'scalar_head.bias'
+        assert torch.allclose(best['model'][head], ckpt['model'][head] - best['reward_offset'], atol=1e-6)
+    else:  # the training loss falls at lr 1e-3: the final weights have the best val loss
+        assert best['step'] == 8, [json.loads(l) for l in open(out / 'log.jsonl') if 'val/loss' in l]
+        assert best['best_val'] == ckpt['best_val']
+    assert f'step 8: val' in stdout
+
+
+def test_reward_model_reads_every_file_before_training(tmp_path):
+    args = rm_args(tmp_path)
+    bad = write_jsonl(tmp_path / 'bad_test.jsonl', [{'prompt': 'a', 'chosen': 'b'}])
+    out = tmp_path / 'out'
+    (code, _, stderr), = run_all([('train_reward_model.py', args + [f'--test_file={bad}', f'--out_dir={out}'])])
+    assert code != 0 and f"{bad}:1: missing key 'rejected'" in stderr
+    assert not (out / 'ckpt.pt').exists() and not (out / 'best.pt').exists()  # it stopped before any training

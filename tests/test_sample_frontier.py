@@ -48,9 +48,48 @@ def test_sample_prompt_file(tmp_path):
     assert p.stdout.count('Assistant:') == 2
 
 
+def test_sample_prompt_file_with_bad_utf8_names_the_line(tmp_path):
+    ckpt = tiny_lm(tmp_path / 'sft.pt')
+    (tmp_path / 'questions.txt').write_bytes(b'What is 2 plus 3?\nWhat is caf\xe9?\n')
+    p = run_script('sample.py', f'--ckpt={ckpt}', f'--prompt_file={tmp_path / "questions.txt"}', '--device=cpu',
+                   check=False, timeout=60)
+    assert p.returncode == 2 and f'{tmp_path / "questions.txt"}:2: invalid UTF-8 at byte 11' in p.stderr
+    assert 'Traceback' not in p.stderr
+
+
+EVAL_ARGS = [f'--prompt_file={ROOT}/tests/fixtures/eval_prompts_3.jsonl', '--crowd_file=', '--max_new_tokens=4',
+             '--device=cpu']
+
+
+def test_eval_baseline_row_has_no_win_rate(tmp_path):
+    sft, dpo = tiny_lm(tmp_path / 'sft.pt'), tiny_lm(tmp_path / 'dpo.pt', stage='dpo', eot_first=True)
+    rm = GPT(GPTConfig(**ARGS, scalar_head=True))
+    save_checkpoint(tmp_path / 'rm.pt', rm, None, dict(ARGS, scalar_head=True), {}, 'rm', 0, reward_offset=0.0)
+    p = run_script('eval.py', *EVAL_ARGS, f'--ckpts={sft},{dpo}', f'--baseline={sft}', f'--rm_ckpt={tmp_path / "rm.pt"}',
+                   f'--out_json={tmp_path / "eval.json"}', timeout=120)
+    results = json.loads((tmp_path / 'eval.json').read_text())['results']
+    assert 'win' not in results['sft'] and 'win_strict' not in results['sft'] and results['sft']['ties'] == 1.0
+    assert results['sft']['kl'] == 0.0 and 'rm' in results['dpo']
+    header, sft_row = [line.split() for line in p.stdout.splitlines() if line.split()[:1] in (['gold'], ['sft'])][:2]
+    assert sft_row[1 + header.index('win')] == '-' and sft_row[1 + header.index('win_strict')] == '-'
+
+
+def test_eval_refuses_checkpoints_of_the_wrong_stage(tmp_path):
+    sft = tiny_lm(tmp_path / 'sft.pt')
+    rm = GPT(GPTConfig(**ARGS, scalar_head=True))
+    save_checkpoint(tmp_path / 'rm.pt', rm, None, dict(ARGS, scalar_head=True), {}, 'rm', 0, reward_offset=0.0)
+    save_checkpoint(tmp_path / 'rm_uncentred.pt', rm, None, dict(ARGS, scalar_head=True), {}, 'rm', 0)
+    for args, message in [([f'--ckpts={tmp_path / "rm.pt"}', '--rm_ckpt='], "stage 'rm', expected ('sft', 'ppo', 'dpo')"),
+                          ([f'--ckpts={sft}', f'--rm_ckpt={sft}'], "stage 'sft', expected 'rm'"),
+                          ([f'--ckpts={sft}', f'--rm_ckpt={tmp_path / "rm_uncentred.pt"}'], 'before it centred the rewards')]:
+        p = run_script('eval.py', *EVAL_ARGS, *args, f'--baseline={sft}', f'--out_json={tmp_path / "e.json"}',
+                       check=False, timeout=60)
+        assert p.returncode == 2 and message in p.stderr and 'Traceback' not in p.stderr, p.stderr[-1000:]
+
+
 def test_sample_reward_model_is_a_clear_error(tmp_path):
     rm = GPT(GPTConfig(**ARGS, scalar_head=True))
-    save_checkpoint(tmp_path / 'rm.pt', rm, None, dict(ARGS, scalar_head=True), {}, 'rm', 0)
+    save_checkpoint(tmp_path / 'rm.pt', rm, None, dict(ARGS, scalar_head=True), {}, 'rm', 0, reward_offset=0.0)
     p = run_script('sample.py', f'--ckpt={tmp_path / "rm.pt"}', '--prompt=hi', '--device=cpu', check=False, timeout=60)
     assert p.returncode != 0
     assert 'reward model' in p.stderr and 'no language model' in p.stderr
@@ -81,7 +120,8 @@ def test_frontier_reuses_the_main_runs(tmp_path):
     for name, stage, ckpt, key, value in [('ppo', 'ppo', 'ckpt.pt', 'kl_coef', 0.05), ('dpo', 'dpo', 'best.pt', 'beta', 0.5)]:
         (tmp_path / name).mkdir()
         torch.manual_seed(1)
-        save_checkpoint(str(tmp_path / name / ckpt), GPT(GPTConfig(**ARGS)), None, ARGS, {key: value}, stage, 0)
+        config = {key: value, 'sft_ckpt': str(sft)}  # started from the sweep's SFT model: a main run from another is not reused
+        save_checkpoint(str(tmp_path / name / ckpt), GPT(GPTConfig(**ARGS)), None, ARGS, config, stage, 0)
         (tmp_path / name / 'DONE').touch()
     out = tmp_path / 'frontier'
     eval_args = (f"--prompt_file={ROOT}/tests/fixtures/eval_prompts_3.jsonl --rm_ckpt= --crowd_file= "

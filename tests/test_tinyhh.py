@@ -215,6 +215,30 @@ def test_prepare_is_deterministic(generated):
     assert [r['response'] for r in other['sft_train']] != [r['response'] for r in read(a, 'sft_train')[:50]]
 
 
+def test_prepare_if_stale_rewrites_only_stale_data(generated, tmp_path):
+    a, _ = generated
+    meta = json.loads((a / 'meta.json').read_text())
+    assert meta['source_sha256'] == prepare.source_sha256()
+    run = lambda *more: subprocess.run([sys.executable, 'data/tinyhh/prepare.py', '--seed=3', f'--out_dir={tmp_path}',
+                                        '--if_stale=True', *SMALL, *more], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    for name in [f + '.jsonl' for f in FILES] + ['meta.json']:
+        (tmp_path / name).write_bytes((a / name).read_bytes())
+    assert 'nothing to do' in run()  # the same code, seed and sizes
+    stale = dict(meta, source_sha256='0' * 64)  # written by an older world.py or prepare.py
+    (tmp_path / 'meta.json').write_text(json.dumps(stale))
+    (tmp_path / 'sft_train.jsonl').write_text('')
+    assert 'wrote' in run()
+    assert (tmp_path / 'sft_train.jsonl').read_bytes() == (a / 'sft_train.jsonl').read_bytes()
+    assert (tmp_path / 'meta.json').read_bytes() == (a / 'meta.json').read_bytes()
+    assert 'wrote' in run('--seed=4')  # other settings: other data
+
+
+def test_prepare_n_eval_must_split_evenly(tmp_path):
+    p = subprocess.run([sys.executable, 'data/tinyhh/prepare.py', f'--out_dir={tmp_path}', '--n_eval=100'],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 2 and 'n_eval must be a multiple of 15' in p.stderr and not list(tmp_path.iterdir())
+
+
 def test_files_and_schemas(generated):
     d = generated[0]
     meta = json.loads((d / 'meta.json').read_text())

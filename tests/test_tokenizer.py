@@ -108,6 +108,9 @@ def test_chat_template():
     assert render_prompt('  Hi there \n') == '\n\nHuman: Hi there\n\nAssistant:'
     hh = '\n\nHuman: Hi\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke.\n\nAssistant:'
     assert render_prompt(hh) == hh
+    # an HH conversation with stray whitespace at its ends is still one, not a Human turn quoting it
+    for near in (hh + ' ', hh + '\n', hh.lstrip('\n'), '  ' + hh.lstrip('\n') + ' \n'):
+        assert render_prompt(near) == hh, repr(near)
     assert render_response('Sure.') == ' Sure.' and render_response('  Sure.') == ' Sure.'
     prompt = encode_prompt(enc, 'Hi')
     assert enc.decode(prompt) == '\n\nHuman: Hi\n\nAssistant:'

@@ -89,14 +89,19 @@ def download(raw, names):
                 sys.exit(f"cannot download {url}: {e}\nOffline? Download the files by hand into a "
                          f"directory DIR as DIR/{{subset}}/{{split}}.jsonl.gz (subsets {', '.join(names)}; "
                          f"splits train, test), then run\n    python data/hh_rlhf/prepare.py --raw_dir=DIR")
+            try:
+                gzip.decompress(data)  # a cut-off body or a proxy's HTML page must not be cached as the file
+            except (OSError, EOFError) as e:
+                sys.exit(f"cannot download {url}: what came back is not a whole gzip file ({e}); try again")
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path + '.tmp', 'wb') as f:
                 f.write(data)
             os.replace(path + '.tmp', path)  # a broken-off download never looks like a file
 
 
-def read_split(raw, names, split):
-    """The usable pairs of one split over the subsets, and {reason: ['file:line', ...]} skipped."""
+def read_split(raw, names, split, downloaded=False):
+    """The usable pairs of one split over the subsets, and {reason: ['file:line', ...]} skipped.
+    downloaded: raw is our download cache, so a file that cannot be read is removed (a rerun fetches it)."""
     pairs, skipped = [], {}
     for subset in names:
         path = find(raw, subset, split)
@@ -107,6 +112,9 @@ def read_split(raw, names, split):
             with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
                 lines = f.read().split(b'\n')
         except (OSError, EOFError) as e:  # a truncated or corrupt download
+            if downloaded:
+                os.remove(path)
+                sys.exit(f"{path}: cannot read ({e}); removed it: run again to download it afresh")
             sys.exit(f"{path}: cannot read ({e}); download it again")
         for lineno, line in enumerate(lines, start=1):
             if not line.strip():
@@ -135,7 +143,7 @@ def main(argv=None):
     raw = cfg['raw_dir'] or os.path.join(cfg['out_dir'], 'raw')
     if not cfg['raw_dir']:
         download(raw, names)
-    splits = {split: read_split(raw, names, split) for split in SPLITS}  # read all before writing any
+    splits = {split: read_split(raw, names, split, downloaded=not cfg['raw_dir']) for split in SPLITS}  # read all before writing any
     for split, (pairs, _) in splits.items():
         if not pairs:
             sys.exit(f"{split}: no usable pairs in {raw}")

@@ -7,6 +7,7 @@ A mediocre crowd answers the prompts (about half ideal, the rest flawed, see CRO
 judge scores every response, and the simulated rater labels pairs of them. Evaluation prompts
 use (phrasing, entity) combinations that no training file contains. See data/tinyhh/README.md.
 """
+import hashlib
 import json
 import os
 import random
@@ -15,7 +16,7 @@ import time
 from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from configurator import configure  # noqa: E402
+from configurator import check, configure  # noqa: E402
 from data.tinyhh import world  # noqa: E402
 
 seed = 1337  # every draw depends on this and on nothing else
@@ -26,7 +27,8 @@ n_prefs_train = 20000  # preference pairs
 n_prefs_val = 1000
 n_prefs_test = 1000
 n_rl = 5000  # RL prompts
-n_eval = 600  # held-out evaluation prompts, a third of each kind
+n_eval = 600  # held-out evaluation prompts, a third of each kind (a multiple of 15: 5 helpful topics)
+if_stale = False  # True: write nothing when out_dir already holds this code's data for these settings (run.sh)
 
 # -----------------------------------------------------------------------------
 # the crowd
@@ -119,6 +121,8 @@ def make_eval(n, rng, held):
         topics = world.HELPFUL_TOPICS if kind == 'helpful' else [kind]
         for topic in topics:
             pool = [(i, e, lead) for i, e in held[topic] for lead in world.LEAD_INS]
+            check(n // 3 // len(topics) <= len(pool), f"n_eval {n} asks for {n // 3 // len(topics)} held-out "
+                  f"{topic} prompts; there are {len(pool)}")
             for i, e, lead in rng.sample(pool, n // 3 // len(topics)):
                 rec = record(topic, i, e, lead)
                 if kind == 'helpful':
@@ -156,6 +160,24 @@ def generate(seed, sizes):
     return data, meta
 
 
+def source_sha256():
+    """What the data is a function of, besides the settings: this file and the world's."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = b''.join(open(os.path.join(here, name), 'rb').read() for name in ('prepare.py', 'world.py'))
+    return hashlib.sha256(code).hexdigest()
+
+
+def up_to_date(out_dir, seed, sizes):
+    """Does out_dir hold the data this code writes for seed and sizes?"""
+    try:
+        with open(os.path.join(out_dir, 'meta.json'), encoding='utf-8') as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return (meta.get('source_sha256') == source_sha256() and meta.get('seed') == seed and meta.get('counts') == sizes
+            and all(os.path.isfile(os.path.join(out_dir, name + '.jsonl')) for name in sizes))
+
+
 def write(out_dir, data, meta):
     os.makedirs(out_dir, exist_ok=True)
     for name, records in data.items():
@@ -169,10 +191,15 @@ def write(out_dir, data, meta):
 
 if __name__ == '__main__':
     configure(globals())
+    check(n_eval % 15 == 0, f"n_eval must be a multiple of 15 (a third per kind, helpful split over 5 topics), got {n_eval}")
     t0 = time.time()
     sizes = dict(sft_train=n_sft_train, sft_val=n_sft_val, prefs_train=n_prefs_train, prefs_val=n_prefs_val,
                  prefs_test=n_prefs_test, rl_prompts=n_rl, eval_prompts=n_eval)
+    if if_stale and up_to_date(out_dir, seed, sizes):
+        print(f'{out_dir} holds the data of this code for seed {seed}: nothing to do')
+        sys.exit(0)
     data, meta = generate(seed, sizes)
+    meta['source_sha256'] = source_sha256()
     write(out_dir, data, meta)
     for name, records in data.items():
         print(f'{name + ".jsonl":<20} {len(records):>6} records')
