@@ -162,6 +162,15 @@ def require_checkpoint(path, stage, hint=''):
         check(False, str(e))
 
 
+def require_reward_model(path, hint=''):
+    """require_checkpoint for a finished reward model: its best.pt gets reward_offset when the rewards
+    are centred, the run's last act; without it the run stopped early and its scores are off-centre."""
+    ckpt = require_checkpoint(path, stage='rm', hint=hint)
+    check('reward_offset' in ckpt, f"{path}: the reward model's run stopped before it centred the rewards; "
+          f"finish it with python train_reward_model.py --init_from=resume")
+    return ckpt
+
+
 def restore_rng(ckpt):
     torch.set_rng_state(ckpt['rng'])
     if torch.cuda.is_available() and torch.is_tensor(ckpt.get('cuda_rng')):

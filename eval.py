@@ -28,7 +28,8 @@ import time
 
 import torch
 
-from common import decode_response, default_device, encode_prompt, get_tokenizer, model_from_checkpoint, require_checkpoint
+from common import (decode_response, default_device, encode_prompt, get_tokenizer, model_from_checkpoint, require_checkpoint,
+                    require_reward_model)
 from configurator import check, configure
 from data.tinyhh.world import analyze
 from loaders import collate, read_jsonl
@@ -61,10 +62,8 @@ questions = [r['prompt'] for r in records]
 
 def load(path, stages):
     """A checkpoint of one of stages, as an eval-mode model: (model, model_args, stage)."""
-    ckpt = require_checkpoint(path, stage=stages, hint='train that stage first (see README)')
-    check(ckpt['stage'] != 'rm' or 'reward_offset' in ckpt,
-          f"{path}: the reward model's run stopped before it centred the rewards; finish it with "
-          f"python train_reward_model.py --init_from=resume")
+    hint = 'train that stage first (see README)'
+    ckpt = require_reward_model(path, hint) if stages == 'rm' else require_checkpoint(path, stages, hint)
     model, args = model_from_checkpoint(ckpt)
     return model.to(device).eval(), args, ckpt['stage']
 

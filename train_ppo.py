@@ -38,8 +38,8 @@ import torch
 from tqdm import tqdm
 
 from common import (all_reduce_mean, check_finite, default_compile, decode_response, default_device, default_dtype,
-                    get_tokenizer, model_from_checkpoint, require_checkpoint, restore_rng, sampling_logprobs_exact,
-                    save_checkpoint, setup, wrap_for_training)
+                    get_tokenizer, model_from_checkpoint, require_checkpoint, require_reward_model, restore_rng,
+                    sampling_logprobs_exact, save_checkpoint, setup, wrap_for_training)
 from configurator import check, configure
 from loaders import batch_indices, read_jsonl, tokenize_prompts
 
@@ -192,9 +192,7 @@ rollout_logprobs = rollout_logprobs and sampling_logprobs_exact(dtype)  # bfloat
 # -----------------------------------------------------------------------------
 # four models
 sft = require_checkpoint(sft_ckpt, stage='sft', hint='run python train_sft.py first')
-rm = require_checkpoint(rm_ckpt, stage='rm', hint='run python train_reward_model.py first')
-check('reward_offset' in rm, f"{rm_ckpt}: the reward model's run stopped before it centred the rewards; "
-      f"finish it with python train_reward_model.py --init_from=resume")
+rm = require_reward_model(rm_ckpt, hint='run python train_reward_model.py first')
 check(sft['model_args']['vocab_size'] == rm['model_args']['vocab_size'],
       f"{sft_ckpt} and {rm_ckpt} use different vocabularies ({sft['model_args']['vocab_size']} vs {rm['model_args']['vocab_size']})")
 check(max_prompt_len + max_new_tokens <= sft['model_args']['block_size'],
