@@ -2,7 +2,7 @@
 Time each stage's steady-state step in isolation, on synthetic data of fixed shapes (nanoGPT's
 bench.py, for RLHF): the SFT step, the reward-model step, the DPO step (reference log-probs online
 and precomputed) and one PPO iteration, split into rollout (policy.generate), scoring (reference,
-reward and value forwards, plus the policy's under bf16, where train_ppo.py recomputes it; rewards,
+reward and value forwards, plus the policy's under bf16/TF32, where train_ppo.py recomputes it; rewards,
 GAE) and update, at 1 epoch x 1 minibatch, 4 x 1 (TRL's default) and 4 x 2. Two rollout baselines beside ours: running the whole sequence at every step
 (no KV cache), and Hugging Face generate on a GPT-2 of the same shape (when transformers is
 installed). Each step runs what the training scripts run: the same model calls, and the losses

@@ -20,7 +20,7 @@ every model), judge it with data/tinyhh/world.py, and report
 The first row, 'crowd', judges the held-out SFT demonstrations themselves: what imitation aims at.
 
     python eval.py                                        # SFT, PPO and DPO of the main pipeline
-    python eval.py --ckpts=out/sft/best.pt,out/ppo_kl0.1/ckpt.pt --out_json=out/eval_kl.json
+    python eval.py --ckpts=out/sft/best.pt,out/frontier/ppo_kl0.1/ckpt.pt --out_json=out/eval_kl.json
 """
 import json
 import os

@@ -187,7 +187,8 @@ check(mini_batch_size % (micro_batch_size * world_size) == 0,
 device_type = 'cuda' if 'cuda' in device else 'cpu'
 rollout_batch = batch_size // world_size      # prompts this process samples per iteration
 grad_accum = mini_batch_size // (micro_batch_size * world_size)
-rollout_logprobs = rollout_logprobs and sampling_logprobs_exact(dtype)  # bfloat16, TF32: pi_old from a forward pass
+# under bfloat16 or TF32 (any CUDA run) the sampling log-probs are not exact: pi_old then comes from a forward pass
+rollout_logprobs = rollout_logprobs and sampling_logprobs_exact(dtype)
 
 # -----------------------------------------------------------------------------
 # four models

@@ -15,8 +15,9 @@ schedule (a second one overfits the noisy labels), and its final weights are the
 the end they are centred: the mean reward over sft_train_file's demonstrations
 is subtracted from the scalar head's bias, so r = 0 is "as good as a demonstration" and PPO starts
 near reward 0. best.pt also stores that mean as reward_offset: the raw reward (before centring) is
-r + reward_offset; nothing downstream needs it. ckpt.pt (the latest state, to resume) is never
-centred.
+r + reward_offset. Its value is not used downstream, but its presence marks a finished, centred
+reward model: PPO and eval.py refuse a best.pt without it. ckpt.pt (the latest state, to resume)
+is never centred.
 
     python train_reward_model.py                         # built-in world, from out/sft/best.pt, CPU
     python train_reward_model.py --learning_rate=1e-4    # any default below can be overridden

@@ -80,7 +80,6 @@ def test_sft_two_processes_match_one(tmp_path):
     assert_same_run(tmp_path / 'one', tmp_path / 'two', ['train/loss', 'val/loss'], atol=1e-5)
 
 
-@pytest.mark.skipif(not (ROOT / 'train_dpo.py').exists(), reason='train_dpo.py not written yet')
 def test_dpo_two_processes_match_one(tmp_path):
     args = prefs_args(tmp_path)
     two = torchrun('train_dpo.py', args + ['--micro_batch_size=2', f'--out_dir={tmp_path / "two"}'], tmp_path)

@@ -195,8 +195,14 @@ def test_ppo_micro_batches_do_not_change_the_update(tmp_path):
 def test_ppo_batch_of_one(tmp_path):
     args = make_tiny_world(tmp_path)
     run_script('train_ppo.py', *args, '--batch_size=1', '--mini_batch_size=1', '--micro_batch_size=1', '--max_iters=1',
-               f'--out_dir={tmp_path / "ppo"}')
-    assert torch.load(tmp_path / 'ppo' / 'ckpt.pt', weights_only=True)['step'] == 1
+               '--learning_rate=1e-3', f'--out_dir={tmp_path / "ppo"}')
+    ckpt = torch.load(tmp_path / 'ppo' / 'ckpt.pt', weights_only=True)
+    assert ckpt['step'] == 1
+    (row,) = read_log(tmp_path / 'ppo' / 'log.jsonl')
+    assert all(math.isfinite(v) for v in row.values()) and row['check/ratio_dev'] < 1e-4
+    assert 1 <= row['response_length'] <= 16
+    sft = torch.load(tmp_path / 'sft.pt', weights_only=True)['model']
+    assert not torch.equal(ckpt['model']['lm_head.weight'], sft['lm_head.weight'])  # the one prompt trained the policy
 
 
 def test_ppo_missing_checkpoint_says_which_stage(tmp_path):

@@ -160,8 +160,6 @@ STAGES = {
 @pytest.mark.parametrize('stage', list(STAGES))
 def test_resume_after_sigkill_matches_straight_run(tmp_path, stage):
     script, make_args, kill_at, delay = STAGES[stage]
-    if not (ROOT / script).exists():
-        pytest.skip(f"{script} not written yet")
     args = make_args(tmp_path)
     straight_dir, killed_dir = tmp_path / 'straight', tmp_path / 'killed'
     run = lambda out_dir, *more: [sys.executable, str(ROOT / script), *args, f'--out_dir={out_dir}', *more]
@@ -224,6 +222,7 @@ def test_nonfinite_loss_stops_or_is_skipped(tmp_path):
     # one (step 8): none of them is checkpointed, so ckpt.pt stays the last state with a finite val loss
     assert 'step 8: val loss nan' in skipped_out
     assert torch.load(skip / 'ckpt.pt', weights_only=True)['step'] == 0
+    assert torch.load(skip / 'best.pt', weights_only=True)['step'] == 0  # the only finite val loss
     for name in ('ckpt.pt', 'best.pt'):
         assert finite(torch.load(skip / name, weights_only=True)['model']), name
 
@@ -293,8 +292,7 @@ def test_bad_config_fails_at_startup(tmp_path, monkeypatch, capsys):
     ]
     prefs = prefs_args(tmp_path)  # the same tiny SFT model in sft.pt
     for script in ('train_reward_model.py', 'train_dpo.py'):
-        if (ROOT / script).exists():
-            cases.append((f'{script}: batch not divisible', script, prefs + ['--micro_batch_size=3', out], 'divisible'))
+        cases.append((f'{script}: batch not divisible', script, prefs + ['--micro_batch_size=3', out], 'divisible'))
     failures = startup_failures(cases, monkeypatch, capsys)
     assert not failures, '\n\n'.join(failures)
     assert not (tmp_path / 'out').exists()  # nothing written
@@ -304,7 +302,7 @@ def test_rm_and_dpo_refuse_a_checkpoint_of_another_stage(tmp_path, monkeypatch, 
     prefs, _ = prefs_args(tmp_path), make_tiny_world(tmp_path)  # make_tiny_world's rm.pt; sft.pt stays the same model
     bad = prefs + [f'--sft_ckpt={tmp_path / "rm.pt"}', f'--out_dir={tmp_path / "out"}']
     cases = [(f'{script}: RM checkpoint as sft_ckpt', script, bad, "stage 'rm', expected 'sft'")
-             for script in ('train_reward_model.py', 'train_dpo.py') if (ROOT / script).exists()]
+             for script in ('train_reward_model.py', 'train_dpo.py')]
     failures = startup_failures(cases, monkeypatch, capsys)
     assert not failures, '\n\n'.join(failures)
 
@@ -332,7 +330,7 @@ def test_final_weights_are_evaluated_and_saved(tmp_path, script, make_args):
     else:  # the training loss falls at lr 1e-3: the final weights have the best val loss
         assert best['step'] == 8, [json.loads(l) for l in open(out / 'log.jsonl') if 'val/loss' in l]
         assert best['best_val'] == ckpt['best_val']
-    assert f'step 8: val' in stdout
+    assert 'step 8: val' in stdout
 
 
 def test_reward_model_reads_every_file_before_training(tmp_path):
@@ -342,3 +340,18 @@ def test_reward_model_reads_every_file_before_training(tmp_path):
     (code, _, stderr), = run_all([('train_reward_model.py', args + [f'--test_file={bad}', f'--out_dir={out}'])])
     assert code != 0 and f"{bad}:1: missing key 'rejected'" in stderr
     assert not (out / 'ckpt.pt').exists() and not (out / 'best.pt').exists()  # it stopped before any training
+
+
+def test_dpo_best_pt_keeps_the_lowest_val_loss(tmp_path):
+    # val: the training pairs swapped, so fitting them raises the val loss from ln 2: best.pt is step 0
+    args = prefs_args(tmp_path)
+    swapped = write_jsonl(tmp_path / 'swapped.jsonl', [dict(r, chosen=r['rejected'], rejected=r['chosen'])
+                                                      for r in read_log(tmp_path / 'prefs.jsonl')])
+    out = tmp_path / 'out'
+    (code, _, stderr), = run_all([('train_dpo.py', args + [f'--val_file={swapped}', '--learning_rate=1e-3', f'--out_dir={out}'])])
+    assert code == 0, stderr[-2000:]
+    evals = [(row['step'], row['val/loss']) for row in read_log(out / 'log.jsonl') if 'val/loss' in row]
+    assert [s for s, _ in evals] == [0, 4, 8] and evals[-1][1] > evals[0][1]  # the val loss rose
+    best = torch.load(out / 'best.pt', weights_only=True)
+    assert best['step'] == min(evals, key=lambda e: e[1])[0] == 0
+    assert not torch.equal(best['model']['lm_head.weight'], torch.load(out / 'ckpt.pt', weights_only=True)['model']['lm_head.weight'])

@@ -127,9 +127,9 @@ def test_conservative_dpo_minimiser(beta, eps):
     losses = dpo.dpo_loss(*[t.detach() for t in logps_for_margin(grid)], beta, label_smoothing=eps)[0]
     step = (grid[1] - grid[0]).item()
     assert abs(grid[losses.argmin()].item() - h_star) <= step  # and that stationary point is the minimum
-    # eps = 0 is plain DPO
-    plain = dpo.dpo_loss(*[t.detach() for t in logps_for_margin(grid)], beta)[0]
-    assert torch.allclose(dpo.dpo_loss(*[t.detach() for t in logps_for_margin(grid)], beta, label_smoothing=0.0)[0], plain)
+    # eps = 0 is plain DPO: -log sigmoid(beta h)
+    plain = dpo.dpo_loss(*[t.detach() for t in logps_for_margin(grid)], beta, label_smoothing=0.0)[0]
+    assert torch.allclose(plain, -F.logsigmoid(beta * grid))
 
 
 def test_sequence_logps_sum_the_response_tokens_only():
@@ -268,14 +268,25 @@ def test_reward_model_overfits_64_pairs(world):
         assert abs(rm.last_token_rewards(model, seq, lengths).mean().item()) < 1e-4
 
 
+def swapped_pairs(path, out):
+    """The pairs of path with chosen and rejected swapped: fitting path raises their loss from ln 2."""
+    with open(path) as f, open(out, 'w') as g:
+        for line in f:
+            r = json.loads(line)
+            g.write(json.dumps(dict(r, chosen=r['rejected'], rejected=r['chosen'])) + '\n')
+    return out
+
+
 def test_reward_model_select_best_keeps_the_lowest_val_loss(world):
+    val = swapped_pairs(world / 'prefs.jsonl', world / 'prefs_swapped.jsonl')
     run_script('train_reward_model.py', *SYSTEM, f'--sft_ckpt={world}/sft.pt', f'--train_file={world}/prefs.jsonl',
-               f'--val_file={world}/prefs.jsonl', '--test_file=', f'--sft_train_file={world}/sft.jsonl',
+               f'--val_file={val}', '--test_file=', f'--sft_train_file={world}/sft.jsonl',
                f'--out_dir={world}/rm_best', '--train_subset=64', '--batch_size=32', '--micro_batch_size=16',
                '--max_steps=30', '--learning_rate=3e-2', '--warmup_steps=2', '--eval_interval=3', '--select_best=True',
                env=ONE_THREAD)
     evals = [row for row in read_log(world / 'rm_best' / 'log.jsonl') if 'val/loss' in row][:-1]  # [-1]: the final eval
     best = min(evals, key=lambda row: row['val/loss'])
+    assert evals[-1]['step'] == 30 and best['step'] < 30  # not the final weights: keeping the last would fail
     assert torch.load(world / 'rm_best' / 'best.pt', weights_only=True)['step'] == best['step']
 
 

@@ -64,12 +64,15 @@ EVAL_ARGS = [f'--prompt_file={ROOT}/tests/fixtures/eval_prompts_3.jsonl', '--cro
 def test_eval_baseline_row_has_no_win_rate(tmp_path):
     sft, dpo = tiny_lm(tmp_path / 'sft.pt'), tiny_lm(tmp_path / 'dpo.pt', stage='dpo', eot_first=True)
     rm = GPT(GPTConfig(**ARGS, scalar_head=True))
+    torch.nn.init.normal_(rm.scalar_head.weight, std=0.5)  # scores that differ between the two models' answers
     save_checkpoint(tmp_path / 'rm.pt', rm, None, dict(ARGS, scalar_head=True), {}, 'rm', 0, reward_offset=0.0)
     p = run_script('eval.py', *EVAL_ARGS, f'--ckpts={sft},{dpo}', f'--baseline={sft}', f'--rm_ckpt={tmp_path / "rm.pt"}',
                    f'--out_json={tmp_path / "eval.json"}', timeout=120)
     results = json.loads((tmp_path / 'eval.json').read_text())['results']
     assert 'win' not in results['sft'] and 'win_strict' not in results['sft'] and results['sft']['ties'] == 1.0
-    assert results['sft']['kl'] == 0.0 and 'rm' in results['dpo']
+    assert results['sft']['kl'] == 0.0 and results['dpo']['kl'] != 0.0
+    assert results['sft']['rm'] != results['dpo']['rm']  # read at each answer's own last token
+    assert 'win_strict' in results['dpo']  # the dpo model's answers differ from the baseline's
     header, sft_row = [line.split() for line in p.stdout.splitlines() if line.split()[:1] in (['gold'], ['sft'])][:2]
     assert sft_row[1 + header.index('win')] == '-' and sft_row[1 + header.index('win_strict')] == '-'
 

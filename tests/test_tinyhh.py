@@ -231,6 +231,8 @@ def test_prepare_if_stale_rewrites_only_stale_data(generated, tmp_path):
     assert (tmp_path / 'sft_train.jsonl').read_bytes() == (a / 'sft_train.jsonl').read_bytes()
     assert (tmp_path / 'meta.json').read_bytes() == (a / 'meta.json').read_bytes()
     assert 'wrote' in run('--seed=4')  # other settings: other data
+    assert 'wrote' in run('--seed=4', '--NO_LEAD_IN=0.2')
+    assert json.loads((tmp_path / 'meta.json').read_text())['settings']['NO_LEAD_IN'] == 0.2
 
 
 def test_prepare_n_eval_must_split_evenly(tmp_path):

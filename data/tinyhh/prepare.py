@@ -28,7 +28,7 @@ n_prefs_val = 1000
 n_prefs_test = 1000
 n_rl = 5000  # RL prompts
 n_eval = 600  # held-out evaluation prompts, a third of each kind (a multiple of 15: 5 helpful topics)
-if_stale = False  # True: write nothing when out_dir already holds this code's data for these settings (run.sh)
+if_stale = False  # True: write nothing when out_dir's meta.json records this code and these settings, files all there (run.sh)
 
 # -----------------------------------------------------------------------------
 # the crowd
@@ -167,15 +167,15 @@ def source_sha256():
     return hashlib.sha256(code).hexdigest()
 
 
-def up_to_date(out_dir, seed, sizes):
-    """Does out_dir hold the data this code writes for seed and sizes?"""
+def up_to_date(out_dir, settings, names):
+    """Does out_dir hold the files this code writes with these settings (every config key but out_dir)?"""
     try:
         with open(os.path.join(out_dir, 'meta.json'), encoding='utf-8') as f:
             meta = json.load(f)
     except (OSError, ValueError):
         return False
-    return (meta.get('source_sha256') == source_sha256() and meta.get('seed') == seed and meta.get('counts') == sizes
-            and all(os.path.isfile(os.path.join(out_dir, name + '.jsonl')) for name in sizes))
+    return (meta.get('source_sha256') == source_sha256() and meta.get('settings') == settings
+            and all(os.path.isfile(os.path.join(out_dir, name + '.jsonl')) for name in names))
 
 
 def write(out_dir, data, meta):
@@ -190,16 +190,16 @@ def write(out_dir, data, meta):
 
 
 if __name__ == '__main__':
-    configure(globals())
+    settings = {k: v for k, v in configure(globals()).items() if k not in ('out_dir', 'if_stale')}
     check(n_eval % 15 == 0, f"n_eval must be a multiple of 15 (a third per kind, helpful split over 5 topics), got {n_eval}")
     t0 = time.time()
     sizes = dict(sft_train=n_sft_train, sft_val=n_sft_val, prefs_train=n_prefs_train, prefs_val=n_prefs_val,
                  prefs_test=n_prefs_test, rl_prompts=n_rl, eval_prompts=n_eval)
-    if if_stale and up_to_date(out_dir, seed, sizes):
-        print(f'{out_dir} holds the data of this code for seed {seed}: nothing to do')
+    if if_stale and up_to_date(out_dir, settings, sizes):
+        print(f'{out_dir} holds the data of this code for these settings (seed {seed}): nothing to do')
         sys.exit(0)
     data, meta = generate(seed, sizes)
-    meta['source_sha256'] = source_sha256()
+    meta.update(settings=settings, source_sha256=source_sha256())
     write(out_dir, data, meta)
     for name, records in data.items():
         print(f'{name + ".jsonl":<20} {len(records):>6} records')
