@@ -156,12 +156,14 @@ def plot_curves(run_dir):
                 panels.append([f'train/{acc}', f'val/{acc}'])
     plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+    drawn = []  # what each curve holds, printed at the end
     for ax, keys in zip(axes[0], panels):
         for key in keys:
             series = {row[x]: row[key] for row in rows if key in row and x in row}  # a resumed run repeats steps: the last wins
             if series:
                 steps = sorted(series)
                 ax.plot(steps, [series[s] for s in steps], '.-' if key.startswith('val/') else '-', label=key)
+                drawn.append(f"{key} ({len(steps)} points, {x} {steps[0]}-{steps[-1]})")
         ax.set_xlabel(x)
         ax.set_title(keys[0].removeprefix('train/'))
         ax.grid(alpha=0.3)
@@ -172,7 +174,7 @@ def plot_curves(run_dir):
     png = os.path.join(run_dir, 'curves.png')
     fig.savefig(png, dpi=120)
     plt.close(fig)
-    print(f"wrote {png}")
+    print(f"wrote {png}: {', '.join(drawn) or 'no curves (no known keys in the log)'}")
 
 
 # -----------------------------------------------------------------------------

@@ -168,5 +168,11 @@ def test_frontier_curves(tmp_path, kind):
                 if i % 5 == 0:
                     f.write(json.dumps({'step': i, 'val/loss': 0.7 - 0.01 * i, 'val/rewards/accuracies': 0.5}) + '\n')
                 f.write(json.dumps({'step': i, 'train/loss': 0.69 - 0.01 * i, 'train/rewards/accuracies': 0.6}) + '\n')
-    run_script('frontier.py', f'--curves={run}', timeout=60)
+    p = run_script('frontier.py', f'--curves={run}', timeout=60)
     check_png(run / 'curves.png')
+    if kind == 'ppo':
+        want = ['score (20 points, iter 0-19)', 'kl (20 points, iter 0-19)', 'gold (20 points, iter 0-19)']
+    else:
+        want = ['train/loss (20 points, step 0-19)', 'val/loss (4 points, step 0-15)',
+                'train/rewards/accuracies (20 points, step 0-19)', 'val/rewards/accuracies (4 points, step 0-15)']
+    assert f"wrote {run / 'curves.png'}: {', '.join(want)}" in p.stdout
