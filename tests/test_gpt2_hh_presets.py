@@ -43,8 +43,12 @@ def check_run(ckpt_path, log_path, preset, keys):
     assert all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point())
     for k in keys:
         assert ckpt['config'][k] == preset_values(preset)[k], k
-    losses = [v for row in read_log(log_path) for k, v in row.items() if 'loss' in k]
+    log = read_log(log_path)
+    losses = [v for row in log for k, v in row.items() if 'loss' in k]
     assert losses and all(math.isfinite(v) for v in losses)
+    if 'learning_rate' in keys and 'max_steps' in ckpt['config']:  # the preset's rate reached the optimizer:
+        lr = next(row['lr'] for row in log if 'lr' in row)  # step 0 with --warmup_steps=1 runs at the peak
+        assert lr == pytest.approx(preset_values(preset)['learning_rate'], rel=1e-9), (lr, preset)
     return ckpt
 
 
@@ -72,6 +76,7 @@ def test_gpt2_hh_presets_run_in_order(hh):
     ppo = check_run(tmp / 'ppo' / 'ckpt.pt', tmp / 'ppo' / 'log.jsonl', 'ppo_gpt2_hh.py',
                     ['gold_judge', 'max_prompt_len', 'kl_coef', 'learning_rate', 'ppo_epochs'])
     assert ppo['config']['gold_judge'] == ''  # no gold judge on real data
+    assert read_log(tmp / 'ppo' / 'log.jsonl')[0]['kl_coef'] == preset_values('ppo_gpt2_hh.py')['kl_coef']
 
     run_script('train_dpo.py', 'config/dpo_gpt2_hh.py', f'--out_dir={tmp}/dpo', *prefs)
     check_run(tmp / 'dpo' / 'best.pt', tmp / 'dpo' / 'log.jsonl', 'dpo_gpt2_hh.py',
