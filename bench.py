@@ -2,10 +2,10 @@
 Time each stage's steady-state step in isolation, on synthetic data of fixed shapes (nanoGPT's
 bench.py, for RLHF): the SFT step, the reward-model step, the DPO step (reference log-probs online
 and precomputed) and one PPO iteration, split into rollout (policy.generate), scoring (reference,
-reward and value forwards, plus the policy's under bf16/TF32, where train_ppo.py recomputes it; rewards,
-GAE) and update, at 1 epoch x 1 minibatch, 4 x 1 (TRL's default) and 4 x 2. Two rollout baselines beside ours: running the whole sequence at every step
-(no KV cache), and Hugging Face generate on a GPT-2 of the same shape (when transformers is
-installed). Each step runs what the training scripts run: the same model calls, and the losses
+reward and value forwards, plus the policy's under bf16/TF32, where train_ppo.py recomputes it;
+rewards, GAE) and update, at 1 epoch x 1 minibatch, 4 x 1 (TRL's default) and 4 x 2. Two rollout
+baselines beside ours: running the whole sequence at every step (no KV cache), and Hugging Face
+generate on a GPT-2 of the same shape (when transformers is installed). Each step runs what the training scripts run: the same model calls, and the losses
 and PPO math imported from train_*.py (their source above the config banner).
 
 Every sequence is exactly prompt_len + response_len tokens, and a PPO response is exactly
@@ -315,7 +315,8 @@ def bench_ppo():
         return t0, t1, t2, clock()
 
     gen_flops = flops(policy, B * P, P, B, 1) + sum(flops(policy, B, P + t + 1, B, 1) for t in range(R - 1))
-    score_flops = flops(reward_model, B * T, T, 0, 1) + (1 if exact else 2) * flops(ref_model, B * (T - 1), T - 1, B * R, 1) + \
+    logprob_passes = 1 if exact else 2  # the reference's, and the policy's where pi_old is recomputed
+    score_flops = flops(reward_model, B * T, T, 0, 1) + logprob_passes * flops(ref_model, B * (T - 1), T - 1, B * R, 1) + \
         flops(value_model, B * (T - 1), T - 1, 0, 1)
     epoch_flops = flops(policy, B * (T - 1), T - 1, B * R) + flops(value_model, B * (T - 1), T - 1, 0)
     @torch.no_grad()

@@ -162,9 +162,11 @@ def generate(seed, sizes):
 
 def source_sha256():
     """What the data is a function of, besides the settings: this file and the world's."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    code = b''.join(open(os.path.join(here, name), 'rb').read() for name in ('prepare.py', 'world.py'))
-    return hashlib.sha256(code).hexdigest()
+    here, digest = os.path.dirname(os.path.abspath(__file__)), hashlib.sha256()
+    for name in ('prepare.py', 'world.py'):
+        with open(os.path.join(here, name), 'rb') as f:
+            digest.update(f.read())
+    return digest.hexdigest()
 
 
 def up_to_date(out_dir, settings, names):
