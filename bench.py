@@ -5,8 +5,9 @@ and precomputed) and one PPO iteration, split into rollout (policy.generate), sc
 reward and value forwards, plus the policy's under bf16/TF32, where train_ppo.py recomputes it;
 rewards, GAE) and update, at 1 epoch x 1 minibatch, 4 x 1 (TRL's default) and 4 x 2. Two rollout
 baselines beside ours: running the whole sequence at every step (no KV cache), and Hugging Face
-generate on a GPT-2 of the same shape (when transformers is installed). Each step runs what the training scripts run: the same model calls, and the losses
-and PPO math imported from train_*.py (their source above the config banner).
+generate on a GPT-2 of the same shape (when transformers is installed). Each step runs what the
+training scripts run: the same model calls, and the losses and PPO math imported from train_*.py
+(their source above the config banner).
 
 Every sequence is exactly prompt_len + response_len tokens, and a PPO response is exactly
 response_len new tokens: generate gets eos_id=-1, a token that can never be sampled. So the
