@@ -446,11 +446,14 @@ def download_gpt2(name, cache_dir=None):
         if os.path.exists(dest):
             continue
         url = f"https://huggingface.co/{HF_REPOS[name]}/resolve/main/{fname}"
+        part = f"{dest}.{os.getpid()}.part"  # one file per process: under torchrun, ranks may download at once
         try:
             print(f"downloading {url}")
-            urllib.request.urlretrieve(url, dest + '.part')
-            os.replace(dest + '.part', dest)
+            urllib.request.urlretrieve(url, part)
+            os.replace(part, dest)  # atomic: a reader sees no file or a whole one
         except OSError as e:
+            if os.path.exists(part):
+                os.remove(part)
             raise RuntimeError(
                 f"could not download {url} ({e}). If this machine is offline, download config.json and "
                 f"model.safetensors from https://huggingface.co/{HF_REPOS[name]} on a machine that is online, "
@@ -466,8 +469,16 @@ SAFETENSORS_DTYPES = {'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.
 def load_safetensors(path):
     """The format: an 8-byte little-endian header length, a JSON header, then raw tensor bytes."""
     with open(path, 'rb') as f:
-        (n,) = struct.unpack('<Q', f.read(8))
-        header = json.loads(f.read(n))
+        size = os.fstat(f.fileno()).st_size
+        try:
+            (n,) = struct.unpack('<Q', f.read(8))
+            header = json.loads(f.read(n)) if 8 + n <= size else None
+        except (struct.error, UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+        ends = [info['data_offsets'][1] for k, info in header.items() if k != '__metadata__'] if isinstance(header, dict) else []
+        if header is None or 8 + n + max(ends, default=0) > size:
+            raise ValueError(f"{path}: not a whole safetensors file ({size} bytes): a cut download? "
+                             f"Delete it and download it again")
         base, tensors = 8 + n, {}
         for name, info in header.items():
             if name == '__metadata__':

@@ -95,7 +95,7 @@ grad_clip = 1.0                               # clip the gradient norm at this v
 skip_nonfinite = False                        # on a NaN/inf loss or gradient: skip the step (True) or stop (False)
 # evaluation, logging, checkpoints
 eval_interval = 50                            # steps between validation evals (and checkpoints)
-eval_batches = 16                             # micro-batches per validation eval (0: all of val_file)
+eval_batches = 16                             # validation eval: the first eval_batches x batch_size pairs (0: all of val_file)
 seed = 1337                                   # seeds the data order
 # system
 device = default_device()                     # 'cpu' | 'cuda' | 'cuda:1' ...
@@ -221,10 +221,11 @@ def means(sums):
 
 @torch.no_grad()
 def evaluate():
-    """The metrics on the first eval_batches micro-batches of val (0: all of it)."""
+    """The metrics on the first eval_batches x batch_size pairs of val (0: all of it), the same pairs
+    however many processes share them."""
     model.eval()
     sums = torch.zeros(len(METRICS), device=device, dtype=torch.float64)
-    stop = len(val) if eval_batches == 0 else min(len(val), eval_batches * micro_batch_size * world_size)
+    stop = len(val) if eval_batches == 0 else min(len(val), eval_batches * batch_size)
     for i in range(rank * micro_batch_size, stop, micro_batch_size * world_size):
         indices = list(range(i, min(i + micro_batch_size, stop)))
         (chosen, rejected), (ref_chosen, ref_rejected) = pair_logps(model, [val[j] for j in indices], indices, ref_val)

@@ -328,7 +328,8 @@ for it in bar:
                                           masked_mean(ratio, mask), masked_mean(entropy, mask))):
                     stats[key].append(v.detach())
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
-            if check_finite(loss.item(), grad_norm, it, os.path.join(out_dir, 'ckpt.pt'), skip_nonfinite):
+            # the loss averaged over processes, as grad_norm is: every rank takes the same decision
+            if check_finite(all_reduce_mean(loss.detach(), ddp).item(), grad_norm, it, os.path.join(out_dir, 'ckpt.pt'), skip_nonfinite):
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 

@@ -83,7 +83,7 @@ grad_clip = 1.0                               # clip the gradient norm at this v
 skip_nonfinite = False                        # on a NaN/inf loss or gradient: skip the step (True) or stop (False)
 # evaluation, logging, checkpoints
 eval_interval = 100                           # steps between validation evals (and checkpoints)
-eval_batches = 16                             # micro-batches per validation eval (0: all of val_file)
+eval_batches = 16                             # validation eval: the first eval_batches x batch_size pairs (0: all of val_file)
 gold_tie_margin = 0.1                         # gold_accuracy_clear counts only pairs whose gold gap is at least this
 seed = 1337                                   # seeds the data order
 # system
@@ -172,14 +172,15 @@ def pair_stats(chosen, rejected):
 
 @torch.no_grad()
 def evaluate(pairs, gold_gap, max_batches):
-    """Loss, accuracy, mean margin on the first max_batches micro-batches of pairs (0: all); with
-    gold_gap also the accuracy against the gold ordering, pairs of equal gold reward left out, and
-    gold_accuracy_clear: the same on pairs whose gold gap is at least gold_tie_margin. (In the built-in
-    world a quarter of the pairs are two answers of one style that differ by a few words of length,
-    a gold gap under 0.02 on which the rater is a coin flip: their labels hardly carry a signal.)"""
+    """Loss, accuracy, mean margin on the first max_batches x batch_size pairs (0: all; the same pairs
+    however many processes share them); with gold_gap also the accuracy against the gold ordering,
+    pairs of equal gold reward left out, and gold_accuracy_clear: the same on pairs whose gold gap is
+    at least gold_tie_margin. (In the built-in world a quarter of the pairs are two answers of one
+    style that differ by a few words of length, a gold gap under 0.02 on which the rater is a coin
+    flip: their labels hardly carry a signal.)"""
     model.eval()
     sums, gold_sums = torch.zeros(6, device=device, dtype=torch.float64), torch.zeros(4, device=device, dtype=torch.float64)
-    stop = len(pairs) if max_batches == 0 else min(len(pairs), max_batches * micro_batch_size * world_size)
+    stop = len(pairs) if max_batches == 0 else min(len(pairs), max_batches * batch_size)
     for i in range(rank * micro_batch_size, stop, micro_batch_size * world_size):
         batch = pairs[i:min(i + micro_batch_size, stop)]
         seq, lengths = collate_pairs(batch)

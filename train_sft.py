@@ -25,7 +25,7 @@ from common import (all_reduce_mean, check_finite, default_compile, default_devi
                     wrap_for_training)
 from configurator import check, configure
 from loaders import batch_indices, collate, read_jsonl, tokenize_sft
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, download_gpt2
 
 # -----------------------------------------------------------------------------
 # the loss: a pure function (checked against a hand computation in tests/)
@@ -64,7 +64,7 @@ grad_clip = 1.0                               # clip the gradient norm at this v
 skip_nonfinite = False                        # on a NaN/inf loss or gradient: skip the step (True) or stop (False)
 # evaluation, logging, checkpoints
 eval_interval = 200                           # steps between validation evals (and checkpoints)
-eval_batches = 8                              # micro-batches per validation eval (0: all of val_file)
+eval_batches = 8                              # validation eval: the first eval_batches x batch_size examples (0: all of val_file)
 seed = 1337                                   # seeds the data order and the initialisation
 # system
 device = default_device()                     # 'cpu' | 'cuda' | 'cuda:1' ...
@@ -98,6 +98,10 @@ elif init_from == 'scratch':
                       vocab_size=vocab_size, dropout=dropout, bias=True)
     model = GPT(GPTConfig(**model_args))
 else:
+    if ddp and not os.path.isdir(init_from):  # GPT-2 by name: local rank 0 downloads it once, the other ranks wait
+        if int(os.environ['LOCAL_RANK']) == 0:
+            download_gpt2(init_from)
+        torch.distributed.barrier()
     model = GPT.from_pretrained(init_from, dropout=dropout)
     model_args = {k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size', 'dropout', 'bias')}
 check(model_args['block_size'] >= block_size, f"block_size {block_size} > the model's {model_args['block_size']}")
@@ -127,10 +131,11 @@ if master:
 
 @torch.no_grad()
 def evaluate():
-    """Mean per-token validation loss over the first eval_batches micro-batches of val (0: all of it)."""
+    """Mean per-token validation loss over the first eval_batches x batch_size examples of val (0: all of
+    it): the same examples however many processes share them."""
     model.eval()
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-    stop = len(val) if eval_batches == 0 else min(len(val), eval_batches * micro_batch_size * world_size)
+    stop = len(val) if eval_batches == 0 else min(len(val), eval_batches * batch_size)
     for i in range(rank * micro_batch_size, stop, micro_batch_size * world_size):
         seq, targets, _ = collate(val[i:min(i + micro_batch_size, stop)], enc.eot_token, device)
         with ctx:

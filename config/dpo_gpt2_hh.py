@@ -23,5 +23,5 @@ learning_rate = 1e-6
 warmup_steps = 150
 weight_decay = 0.0
 eval_interval = 250
-eval_batches = 32
+eval_batches = 4                # 256 pairs per eval
 compile = True

@@ -21,5 +21,5 @@ learning_rate = 1e-5
 warmup_steps = 100
 weight_decay = 0.0
 eval_interval = 250
-eval_batches = 32               # 256 pairs per eval; the full test split is scored at the end
+eval_batches = 4                # 256 pairs per eval; the full test split is scored at the end
 compile = True

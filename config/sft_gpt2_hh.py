@@ -20,5 +20,5 @@ learning_rate = 3e-5
 warmup_steps = 100
 weight_decay = 0.0
 eval_interval = 250
-eval_batches = 20
+eval_batches = 5                # 320 examples per eval
 compile = True

@@ -13,7 +13,7 @@ from common import get_tokenizer, model_from_checkpoint, save_checkpoint
 from loaders import batch_indices, read_jsonl, tokenize_prompts
 from scripts import ROOT, read_log
 from test_ppo import make_tiny_world
-from test_reliability import output, prefs_args, sft_args, start
+from test_reliability import output, prefs_args, rm_args, sft_args, start
 
 
 def torchrun(script, args, tmp_path, name='torchrun'):
@@ -68,9 +68,10 @@ def assert_same_run(one_dir, two_dir, keys, atol):
 
 
 def test_sft_two_processes_match_one(tmp_path):
-    # batch 8: 2 processes x 2 micro-batches of 2, against 1 process x 2 micro-batches of 4
+    # batch 8: 2 processes x 4 micro-batches of 1, against 1 process x 2 micro-batches of 4; the
+    # validation loss must be taken on the same examples (eval_batches x batch_size) in both
     args = sft_args(tmp_path)
-    two = torchrun('train_sft.py', args + ['--micro_batch_size=2', f'--out_dir={tmp_path / "two"}'], tmp_path)
+    two = torchrun('train_sft.py', args + ['--micro_batch_size=1', f'--out_dir={tmp_path / "two"}'], tmp_path)
     one = start([sys.executable, str(ROOT / 'train_sft.py'), *args, '--micro_batch_size=4', f'--out_dir={tmp_path / "one"}'],
                 tmp_path, 'one')
     wait(one, tmp_path, 'one')
@@ -80,15 +81,18 @@ def test_sft_two_processes_match_one(tmp_path):
     assert_same_run(tmp_path / 'one', tmp_path / 'two', ['train/loss', 'val/loss'], atol=1e-5)
 
 
-def test_dpo_two_processes_match_one(tmp_path):
-    args = prefs_args(tmp_path)
-    two = torchrun('train_dpo.py', args + ['--micro_batch_size=2', f'--out_dir={tmp_path / "two"}'], tmp_path)
-    one = start([sys.executable, str(ROOT / 'train_dpo.py'), *args, '--micro_batch_size=4', f'--out_dir={tmp_path / "one"}'],
+@pytest.mark.parametrize('script, stage, make_args, keys', [
+    ('train_dpo.py', 'dpo', prefs_args, ['train/loss', 'train/rewards/margins', 'val/loss']),
+    ('train_reward_model.py', 'rm', rm_args, ['train/loss', 'train/margin', 'val/loss', 'val/accuracy'])])
+def test_preference_stages_two_processes_match_one(tmp_path, script, stage, make_args, keys):
+    args = make_args(tmp_path)
+    two = torchrun(script, args + ['--micro_batch_size=1', f'--out_dir={tmp_path / "two"}'], tmp_path)
+    one = start([sys.executable, str(ROOT / script), *args, '--micro_batch_size=4', f'--out_dir={tmp_path / "one"}'],
                 tmp_path, 'one')
     wait(one, tmp_path, 'one')
     wait(two, tmp_path, 'torchrun', ranks=True)
-    assert_rank0_only(tmp_path, tmp_path / 'two', 'dpo')
-    assert_same_run(tmp_path / 'one', tmp_path / 'two', ['train/loss', 'train/rewards/margins', 'val/loss'], atol=1e-5)
+    assert_rank0_only(tmp_path, tmp_path / 'two', stage)
+    assert_same_run(tmp_path / 'one', tmp_path / 'two', keys, atol=1e-5)
 
 
 def test_ppo_logs_global_statistics_and_resumes_exactly(tmp_path):

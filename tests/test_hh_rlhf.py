@@ -81,6 +81,20 @@ def test_parse_hh_line_not_a_conversation(chosen, rejected):
         parse_hh_line(json.dumps({'chosen': chosen, 'rejected': rejected}))
     assert not isinstance(e.value, Malformed)
 
+def test_lone_surrogate_pair_is_skipped_not_written(tmp_path, capsys):
+    """json.loads accepts "\\ud83d" on its own; loaders.read_jsonl refuses it, so prepare must not write it."""
+    text = json.loads(LINES[0])
+    bad = json.dumps({'chosen': text['chosen'] + ' \ud83d', 'rejected': text['rejected']})
+    assert '\\ud83d' in bad
+    with pytest.raises(ValueError, match='surrogate') as e:
+        parse_hh_line(bad)
+    assert not isinstance(e.value, Malformed)
+    out = run(tmp_path, raw=raw_dir(tmp_path, train=LINES + [bad]))
+    assert "half of a UTF-16 surrogate pair, not a character: " in capsys.readouterr().out
+    for f in ('prefs_train.jsonl', 'sft_train.jsonl'):
+        loaders.read_jsonl(str(out / f), 'prefs' if f.startswith('prefs') else 'sft')  # loads without a DataError
+
+
 # -----------------------------------------------------------------------------
 # the whole script on a raw_dir built from the fixture
 

@@ -124,6 +124,62 @@ def test_from_pretrained_gpt2_offline_says_what_to_do(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / 'cache' / 'gpt2' / 'config.json')
 
 
+def _download_like_urllib(src, url, filename):
+    """urlretrieve's way: open the target for writing, then write the body a block at a time."""
+    import time
+    if url.endswith('config.json'):
+        with open(filename, 'wb') as f:
+            f.write(b'{}')
+        return
+    with open(src, 'rb') as body, open(filename, 'wb') as out:
+        while block := body.read(8192):
+            out.write(block)
+            out.flush()
+            time.sleep(0.0002)
+
+
+def _one_rank(src, cache, results):
+    import functools
+    model_module.urllib.request.urlretrieve = functools.partial(_download_like_urllib, src)
+    try:
+        path = model_module.download_gpt2('gpt2', cache_dir=cache)
+        with open(os.path.join(path, 'model.safetensors'), 'rb') as f:
+            results.put(f.read() == open(src, 'rb').read())
+    except Exception as e:  # reported, not raised: the parent process asserts
+        results.put(repr(e))
+
+
+def test_download_gpt2_by_several_processes_at_once(tmp_path):
+    """Ranks of a fresh torchrun each download to the cache at the same time: every one must get
+    the whole file, and the cache must hold it intact (a shared .part file once crashed ranks and
+    could leave a file with another rank's holes in it)."""
+    import multiprocessing
+    src = tmp_path / 'weights.bin'
+    src.write_bytes(os.urandom(1 << 20))
+    ctx = multiprocessing.get_context('fork')
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_one_rank, args=(str(src), str(tmp_path / 'cache'), results)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join()
+    assert got == [True] * 4, got
+    assert (tmp_path / 'cache' / 'gpt2' / 'model.safetensors').read_bytes() == src.read_bytes()
+    assert sorted(os.listdir(tmp_path / 'cache' / 'gpt2')) == ['config.json', 'model.safetensors']  # no .part left
+
+
+def test_load_safetensors_refuses_a_cut_file(hf_gpt2, tmp_path):
+    _, dirs = hf_gpt2
+    whole = (dirs['safetensors'] / 'model.safetensors').read_bytes()
+    for cut in (len(whole) - 1, len(whole) // 2, 5):
+        (tmp_path / 'model.safetensors').write_bytes(whole[:cut])
+        with pytest.raises(ValueError, match='not a whole safetensors file'):
+            model_module.load_safetensors(str(tmp_path / 'model.safetensors'))
+    (tmp_path / 'model.safetensors').write_bytes(whole)
+    assert model_module.load_safetensors(str(tmp_path / 'model.safetensors')).keys()
+
+
 def test_from_pretrained_gpt2_uses_cache_without_network(hf_gpt2, tmp_path, monkeypatch):
     hf, dirs = hf_gpt2
     def no_network(*args, **kwargs):

@@ -53,6 +53,10 @@ def parse_hh_line(text):
         raise Malformed('expected a JSON object {"chosen": str, "rejected": str}')
     prompts, responses = [], []
     for conversation in (rec['chosen'], rec['rejected']):
+        try:
+            conversation.encode('utf-8')
+        except UnicodeEncodeError:  # a lone escape such as "\ud83d": the loaders refuse it, so it is skipped here
+            raise ValueError('half of a UTF-16 surrogate pair, not a character') from None
         if not conversation.startswith(HUMAN) or ASSISTANT not in conversation:
             raise ValueError('not a Human/Assistant conversation')
         cut = conversation.rindex(ASSISTANT) + len(ASSISTANT)
