@@ -295,7 +295,8 @@ if master:
     save(best_path, best['step'], None, reward_offset=reward_offset)
     for split, metrics in final.items():
         print(f"{split}: {fmt(metrics)}")
-        log.write(json.dumps({'step': max_steps, **{f'{split}/{k}': v for k, v in metrics.items()}}) + '\n')
+        # 'final': the reward model's weights on the whole split, not one of the evals during training
+        log.write(json.dumps({'step': max_steps, 'final': True, **{f'{split}/{k}': v for k, v in metrics.items()}}) + '\n')
     print(f"done: {max_steps} steps, final train loss {train_metrics.get('loss', float('nan')):.4f}, "
           f"train accuracy {train_metrics.get('accuracy', float('nan')):.3f}, best val loss {best_val:.4f}, "
           f"val accuracy {final['val']['accuracy']:.4f}, {dt:.0f} s ({tokens_seen * world_size / max(dt, 1e-9):.0f} tokens/s); "
