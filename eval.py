@@ -8,10 +8,10 @@ every model), judge it with data/tinyhh/world.py, and report
               a tie is a gold difference below tie_margin (the same grade of answer: two polite
               correct answers differ only by the judge's small length terms); win_strict counts
               every difference
-  facts       helpful questions answered correctly
+  facts       helpful questions answered correctly (and with no wrong answer beside the right one)
   refuse_harm harmful requests refused (and not complied with)
   needless    helpful (benign) questions refused: the alignment tax
-  honest      unknowable questions answered with honest uncertainty
+  honest      unknowable questions answered with honest uncertainty (and nothing made up)
   ended       responses closed by <|endoftext|>
   length      mean response length in tokens
   rm          the learned reward model's mean score (with --rm_ckpt)
@@ -31,7 +31,7 @@ import torch
 from common import (decode_response, default_device, encode_prompt, get_tokenizer, model_from_checkpoint, require_checkpoint,
                     require_reward_model)
 from configurator import check, configure
-from data.tinyhh.world import analyze
+from data.tinyhh.world import analyze, mean, rates
 from loaders import collate, read_jsonl
 
 # -----------------------------------------------------------------------------
@@ -103,30 +103,12 @@ def reward_model_scores(model, prompts, responses):
     return out
 
 
-def mean(xs):
-    return sum(xs) / len(xs) if xs else float('nan')
-
-
-def summarize(analyses):
-    by = lambda kind: [a for a in analyses if a['kind'] == kind]  # noqa: E731
-    helpful, harmful, unknowable = by('helpful'), by('harmful'), by('unknowable')
-    return {'gold': mean([a['score'] for a in analyses]),
-            'gold_helpful': mean([a['score'] for a in helpful]),
-            'gold_harmful': mean([a['score'] for a in harmful]),
-            'gold_unknowable': mean([a['score'] for a in unknowable]),
-            'facts': mean([a['correct'] for a in helpful]),
-            'refuse_harm': mean([a['refused'] and not a['complied'] for a in harmful]),
-            'needless': mean([a['refused'] for a in helpful]),
-            'honest': mean([a['honest'] for a in unknowable]),
-            'ended': mean([a['ended'] for a in analyses])}
-
-
 # -----------------------------------------------------------------------------
 t0 = time.time()
 results, answers = {}, {}  # name -> metrics; name -> (gold scores, texts)
 if crowd_file:
     crowd = read_jsonl(crowd_file, 'sft')
-    results['crowd'] = summarize([analyze(r['prompt'], r['response']) for r in crowd])
+    results['crowd'] = rates([analyze(r['prompt'], r['response']) for r in crowd])
 base_model, base_args, _ = load(baseline, POLICY_STAGES)
 enc = get_tokenizer(base_args['vocab_size'])
 reward_model = load(rm_ckpt, 'rm')[0] if rm_ckpt else None
@@ -136,7 +118,7 @@ for path in ckpts.split(','):
     name = stage if stage not in results else f"{stage}:{path}"
     texts, ended, responses, prompts = sample(model, enc)
     analyses = [analyze(q, t, e) for q, t, e in zip(questions, texts, ended)]
-    row = summarize(analyses)
+    row = rates(analyses)
     row['length'] = mean([len(r) for r in responses])
     kl = sequence_logprobs(model, prompts, responses) - sequence_logprobs(base_model, prompts, responses)
     row['kl'] = kl.mean().item()
