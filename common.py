@@ -6,12 +6,13 @@ The algorithms themselves live in their own train_*.py scripts.
 import hashlib
 import math
 import os
+import re
 from contextlib import nullcontext
 from functools import lru_cache
 
 import torch
 
-from configurator import check
+from configurator import UserError, check
 
 # -----------------------------------------------------------------------------
 # tokenizer: GPT-2's byte-level BPE, built offline from the merges file in assets/
@@ -112,6 +113,10 @@ def decode_response(enc, tokens):
 # checkpoints: one file per run directory, written atomically
 
 
+class NonFiniteError(UserError, FloatingPointError):
+    """A NaN/inf loss, gradient or weight: training stops and says where to resume from."""
+
+
 def save_checkpoint(path, model, optimizer, model_args, config, stage, step, **extra):
     """
     Everything a resume needs: the weights (of the uncompiled, unwrapped model, so no
@@ -126,7 +131,7 @@ def save_checkpoint(path, model, optimizer, model_args, config, stage, step, **e
                    **{k: torch.tensor(v) for k, v in extra.items() if isinstance(v, float) and k != 'best_val'})
     bad = [k for k, v in tensors.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise FloatingPointError(f"refusing to save {path} at step {step}: non-finite weights in {bad[:3]}")
+        raise NonFiniteError(f"refusing to save {path} at step {step}: non-finite weights in {bad[:3]}")
     ckpt = dict(model=state, optimizer=optimizer.state_dict() if optimizer is not None else None,
                 model_args=model_args, config=config, stage=stage, step=step, rng=torch.get_rng_state(),
                 # this process's device only: a resume may see fewer GPUs (every stage reseeds each step anyway)
@@ -166,6 +171,9 @@ def require_reward_model(path, hint=''):
     """require_checkpoint for a finished reward model: its best.pt gets reward_offset when the rewards
     are centred, the run's last act; without it the run stopped early and its scores are off-centre."""
     ckpt = require_checkpoint(path, stage='rm', hint=hint)
+    if os.path.basename(path) == 'ckpt.pt':  # the resumable state of the run, never centred
+        check('reward_offset' in ckpt, f"{path} is the reward model run's state to resume from, not centred: "
+              f"use {os.path.join(os.path.dirname(path), 'best.pt')}")
     check('reward_offset' in ckpt, f"{path}: the reward model's run stopped before it centred the rewards; "
           f"finish it with python train_reward_model.py --init_from=resume")
     return ckpt
@@ -186,6 +194,13 @@ def unwrap(model):
 # training set-up: device, precision, DDP, schedule
 
 
+def check_device(device):
+    check(device == 'cpu' or device == 'mps' or re.fullmatch(r'cuda(:\d+)?', device) is not None,
+          f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
+    check(not device.startswith('cuda') or torch.cuda.is_available(),
+          f"device {device!r}, but this PyTorch sees no CUDA GPU: use --device=cpu")
+
+
 def setup(device, dtype, seed, training=True):
     """
     Returns (ddp, rank, world_size, device, autocast context). Under torchrun (RANK set) one
@@ -197,6 +212,7 @@ def setup(device, dtype, seed, training=True):
     check(dtype in dtypes, f"dtype must be one of {', '.join(map(repr, dtypes))}, got {dtype!r}"
           + (" (float16 training needs loss scaling, which these scripts do not do: use bfloat16 or float32)"
              if dtype == 'float16' else ''))
+    check_device(device)
     ddp = int(os.environ.get('RANK', -1)) != -1
     rank, world_size = 0, 1
     if ddp:
@@ -292,4 +308,6 @@ def check_finite(loss, grad_norm, step, ckpt_path, skip):
     if skip:
         print(f"{msg}; step skipped")
         return False
-    raise FloatingPointError(f"{msg}; the last good checkpoint is {ckpt_path} (resume with --init_from=resume)")
+    if not os.path.exists(ckpt_path):
+        raise NonFiniteError(f"{msg}; no checkpoint was saved before it (lower the learning rate or check the data)")
+    raise NonFiniteError(f"{msg}; the last good checkpoint is {ckpt_path} (resume with --init_from=resume)")

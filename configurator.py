@@ -7,7 +7,7 @@ globals, one per line with a trailing comment, and then calls
 
 so that it can be run as
 
-    python train_sft.py config/sft_small.py --batch_size=32 --out_dir=out/x
+    python train_sft.py config/sft_gpt2_hh.py --batch_size=32 --out_dir=out/x
 
 Each argument is a config file or --key=value, applied in order (later wins). Config files
 are Python and are executed: only use config files you trust. Every name a file defines,
@@ -15,7 +15,9 @@ except _private names, modules, functions and classes, is an override. Command-l
 are read with ast.literal_eval, or kept as the raw string when that fails (--out_dir=out/x).
 Unlike nanoGPT, keys from files are checked as strictly as keys from the command line: an
 unknown key or a value of the wrong type is an error, not a silent new global.
---help lists every key with its default and its comment.
+--help lists every key with its value (the default, or what the arguments before it set) and its
+comment. Bad input found later (configurator.UserError: a data file's line, a NaN loss) is also
+reported as one line.
 """
 import ast
 import difflib
@@ -33,6 +35,18 @@ class ConfigError(ValueError):
     pass
 
 
+class UserError(Exception):
+    """Bad input or numbers the user can act on (a data file's line, a NaN loss): a script run from
+    the command line prints the message as one line, no traceback, and exits with code 1."""
+
+
+def report_user_errors(kind, value, tb):
+    if isinstance(value, UserError):
+        print(f'error: {value}', file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, value, tb)
+
+
 def check(condition, message):
     """Range checks in scripts: check(kl_coef >= 0, 'kl_coef must be >= 0'). A failed check ends
     the script at start-up with the message and exit code 2, no traceback."""
@@ -41,7 +55,7 @@ def check(condition, message):
         sys.exit(2)
 
 
-def print_help(keys, path):
+def print_help(keys, path):  # keys: the values in effect (the defaults, then any config files and --key=value)
     comments = {}
     if path and os.path.isfile(path):
         with open(path) as f:
@@ -105,15 +119,18 @@ def configure(g, argv=None):
     from_script = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     keys = {k: v for k, v in g.items() if not k.startswith('_') and isinstance(v, TYPES)}
-    if '--help' in argv or '-h' in argv:
-        print_help(keys, g.get('__file__'))
+    wants_help = '--help' in argv or '-h' in argv
     try:
-        new = dict(overrides(argv, keys))  # later wins
+        new = dict(overrides([a for a in argv if a not in ('--help', '-h')], keys))  # later wins
     except ConfigError as e:
         if not from_script:
             raise
         print(f'config error: {e}', file=sys.stderr)  # a message, not a traceback
         sys.exit(2)
+    if wants_help:  # after the arguments: --help shows what a config file sets, and checks it
+        print_help({**keys, **new}, g.get('__file__'))
+    if from_script:
+        sys.excepthook = report_user_errors
     if os.environ.get('RANK', '0') == '0':  # print on the main process only
         for k, v in new.items():
             print(f'overriding {k} = {v!r}')

@@ -28,8 +28,8 @@ import time
 
 import torch
 
-from common import (decode_response, default_device, encode_prompt, get_tokenizer, model_from_checkpoint, require_checkpoint,
-                    require_reward_model)
+from common import (check_device, decode_response, default_device, encode_prompt, get_tokenizer, model_from_checkpoint,
+                    require_checkpoint, require_reward_model)
 from configurator import check, configure
 from data.tinyhh.world import analyze, mean, rates
 from loaders import collate, read_jsonl
@@ -41,7 +41,7 @@ baseline = 'out/sft/best.pt'                  # win rates and KL are measured ag
 rm_ckpt = 'out/rm/best.pt'                    # the learned reward model, to report its score too ('' = no)
 prompt_file = 'data/tinyhh/eval_prompts.jsonl'  # held-out prompts
 crowd_file = 'data/tinyhh/sft_val.jsonl'      # demonstrations judged as the 'crowd' row ('' = no)
-n_prompts = 0                                 # evaluate the first N prompts only (0: all)
+n_prompts = 0                                 # N prompts spread evenly over prompt_file: every kind keeps its share (0: all)
 temperature = 0.7                             # sampling temperature for every model (PPO's default)
 max_new_tokens = 64                           # response tokens at most
 batch_size = 200                              # prompts per generate call
@@ -54,9 +54,13 @@ device = default_device()                     # 'cpu' | 'cuda'
 config = configure(globals())
 POLICY_STAGES = ('sft', 'ppo', 'dpo')  # checkpoints that generate; a reward model's lm head was never trained
 check(temperature > 0, "temperature must be > 0: the KL is measured on samples")
+check(n_prompts >= 0, "n_prompts must be >= 0 (0: all)")
+check_device(device)
 torch.set_grad_enabled(False)
 
-records = read_jsonl(prompt_file, 'rl')[:n_prompts or None]
+records = read_jsonl(prompt_file, 'rl')
+if n_prompts:  # the file lists the kinds one after the other: take every (len/N)-th prompt
+    records = [records[i * len(records) // n_prompts] for i in range(min(n_prompts, len(records)))]
 questions = [r['prompt'] for r in records]
 
 

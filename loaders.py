@@ -20,11 +20,12 @@ import json
 import torch
 
 from common import encode_prompt, encode_response
+from configurator import UserError
 
 SCHEMAS = {'sft': ('prompt', 'response'), 'prefs': ('prompt', 'chosen', 'rejected'), 'rl': ('prompt',)}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     pass
 
 

@@ -5,7 +5,8 @@
 #   bash run.sh            # reuses the stages that already finished
 #   bash run.sh --fresh    # starts over (deletes out/)
 #
-# Any extra --key=value arguments go to every training script (e.g. --device=cuda).
+# Any extra --key=value arguments go to every training script, so only keys all four share work
+# there: device, dtype, compile, seed, grad_checkpoint, ... (e.g. --device=cuda).
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ "${1:-}" = "--fresh" ]; then rm -rf out; shift; fi

@@ -7,8 +7,8 @@ the models were trained with (common.encode_prompt / decode_response).
     python sample.py --ckpt=out/sft/best.pt --prompt_file=questions.txt   # one question per line
     python sample.py --ckpt=out/sft/best.pt                                # interactive: a question per line, 'quit' or EOF ends
 
-Each answer says whether it ended with <|endoftext|> or ran out of tokens, and, with --judge=True and
-the built-in world importable, the gold judge's score in [-1, 1] (meaningful for tinyhh questions only).
+Each answer says whether it ended with <|endoftext|> or ran out of tokens, and (unless --judge=False),
+with the built-in world importable, the gold judge's score in [-1, 1] (meaningful for tinyhh questions only).
 """
 import os
 import sys

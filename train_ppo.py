@@ -174,6 +174,7 @@ check(temperature > 0, f"temperature must be > 0 (sampling is pure sampling at t
 check(0 <= gamma <= 1 and 0 <= lam <= 1, "gamma and lam must be in [0, 1]")
 check(cliprange > 0 and cliprange_value > 0 and vf_coef >= 0, "cliprange, cliprange_value > 0 and vf_coef >= 0")
 check(target_kl > 0 and kl_horizon > 0, "target_kl and kl_horizon must be > 0")
+check(init_from in ('sft', 'resume'), f"init_from must be 'sft' or 'resume', got {init_from!r}")
 check(decode in ('dynamic', 'static', 'compiled'), f"decode must be 'dynamic', 'static' or 'compiled', got {decode!r}")
 check(max_iters > 0 and ppo_epochs > 0 and max_prompt_len > 0 and max_new_tokens > 0, "sizes must be > 0")
 check(batch_size % mini_batch_size == 0, f"batch_size {batch_size} must be divisible by mini_batch_size {mini_batch_size}")
@@ -192,8 +193,8 @@ rollout_logprobs = rollout_logprobs and sampling_logprobs_exact(dtype)
 
 # -----------------------------------------------------------------------------
 # four models
-sft = require_checkpoint(sft_ckpt, stage='sft', hint='run python train_sft.py first')
-rm = require_reward_model(rm_ckpt, hint='run python train_reward_model.py first')
+sft = require_checkpoint(sft_ckpt, stage='sft', hint=f'train it first: python train_sft.py --out_dir={os.path.dirname(sft_ckpt)}')
+rm = require_reward_model(rm_ckpt, hint=f'train it first: python train_reward_model.py --out_dir={os.path.dirname(rm_ckpt)}')
 check(sft['model_args']['vocab_size'] == rm['model_args']['vocab_size'],
       f"{sft_ckpt} and {rm_ckpt} use different vocabularies ({sft['model_args']['vocab_size']} vs {rm['model_args']['vocab_size']})")
 check(max_prompt_len + max_new_tokens <= sft['model_args']['block_size'],

@@ -25,7 +25,7 @@ from common import (all_reduce_mean, check_finite, default_compile, default_devi
                     wrap_for_training)
 from configurator import check, configure
 from loaders import batch_indices, collate, read_jsonl, tokenize_sft
-from model import GPT, GPTConfig, download_gpt2
+from model import GPT, GPTConfig, HF_REPOS, download_gpt2
 
 # -----------------------------------------------------------------------------
 # the loss: a pure function (checked against a hand computation in tests/)
@@ -76,6 +76,9 @@ config = configure(globals())
 check(batch_size > 0 and micro_batch_size > 0 and max_steps > 0, "batch_size, micro_batch_size and max_steps must be > 0")
 check(learning_rate > 0 and grad_clip >= 0 and 0 <= dropout < 1, "need learning_rate > 0, grad_clip >= 0, 0 <= dropout < 1")
 check(eval_interval > 0 and eval_batches >= 0 and warmup_steps >= 0, "need eval_interval > 0, eval_batches >= 0, warmup_steps >= 0")
+check(init_from in ('scratch', 'resume') or init_from in HF_REPOS or os.path.isdir(init_from),
+      f"init_from must be 'scratch', 'resume', one of {', '.join(HF_REPOS)} or a directory with GPT-2 weights, got {init_from!r}")
+check(block_size >= 2 and 257 <= vocab_size <= 50257, "need block_size >= 2 and vocab_size in [257, 50257] (GPT-2's BPE)")
 
 # -----------------------------------------------------------------------------
 # set-up: processes, device, precision

@@ -170,7 +170,7 @@ def test_help_prints_keys_defaults_and_comments(tmp_path, capsys):
     out = capsys.readouterr().out
     assert 'usage: python train_x.py' in out
     assert "  out_dir = 'out/#1'  # where checkpoints go\n" in out
-    assert '  batch_size = 64     # sequences per optimizer step\n' in out
+    assert '  batch_size = 3      # sequences per optimizer step\n' in out  # the value in effect
     assert '  compile = False\n' in out
     assert 'overriding' not in out and g['batch_size'] == 64  # help applies nothing
 
@@ -182,9 +182,13 @@ SCRIPT = """\
 lr = 0.1       # learning rate
 steps = 10     # optimizer steps
 name = 'run'   # run name
-from configurator import configure
+from configurator import UserError, configure
 config = configure(globals())
 print(config)
+if name == 'bad_input':
+    raise UserError('data.jsonl:3: the problem')
+if name == 'bug':
+    raise ValueError('a bug keeps its traceback')
 """
 
 
@@ -214,6 +218,38 @@ def test_script_help(tmp_path):
     result = run_script(tmp_path, '-h')
     assert result.returncode == 0
     assert '  steps = 10    # optimizer steps\n' in result.stdout
+
+
+def test_script_help_shows_and_checks_what_the_arguments_before_it_set(tmp_path):
+    preset = write(tmp_path / 'preset.py', "steps = 99\nname = 'from_file'\n")
+    result = run_script(tmp_path, str(preset), '--lr=0.5', '--help')
+    assert result.returncode == 0, result.stderr
+    assert "  steps = 99" in result.stdout and "  name = 'from_file'" in result.stdout and '  lr = 0.5' in result.stdout
+    bad = write(tmp_path / 'bad.py', 'stepz = 5\n')
+    result = run_script(tmp_path, str(bad), '--help')
+    assert result.returncode == 2 and "unknown config key 'stepz'" in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path):
+    result = run_script(tmp_path, '--name=bad_input')
+    assert result.returncode == 1 and result.stderr == 'error: data.jsonl:3: the problem\n', result.stderr
+    result = run_script(tmp_path, '--name=bug')
+    assert result.returncode == 1 and 'Traceback' in result.stderr and 'ValueError: a bug keeps its traceback' in result.stderr
+    from common import NonFiniteError
+    from configurator import UserError
+    from loaders import DataError
+    assert issubclass(DataError, UserError) and issubclass(NonFiniteError, UserError)
+    assert issubclass(NonFiniteError, FloatingPointError) and issubclass(DataError, ValueError)  # what callers catch
+
+
+@pytest.mark.parametrize('script, args, message', [
+    ('train_ppo.py', ['--init_from=rsume'], "init_from must be 'sft' or 'resume', got 'rsume'"),
+    ('train_sft.py', ['--device=gpu'], "device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got 'gpu'"),
+    ('train_sft.py', ['--train_file=no/such.jsonl'], 'error: no/such.jsonl: cannot read the file')])
+def test_real_scripts_stop_with_one_line(script, args, message):
+    p = subprocess.run([sys.executable, script, *args, '--device=cpu' if 'device' not in args[0] else args[0]],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode in (1, 2) and message in p.stderr and 'Traceback' not in p.stderr, p.stderr
 
 
 # -----------------------------------------------------------------------------
