@@ -16,6 +16,7 @@ Truncation policy (block_size tokens per sequence, prompt + response + <|endofte
   number of truncated examples is printed.
 """
 import json
+import os
 
 import torch
 
@@ -29,6 +30,12 @@ class DataError(UserError, ValueError):
     pass
 
 
+def prepare_hint(path):
+    """'; make it with python data/x/prepare.py' when path is missing and its folder has a prepare.py."""
+    script = os.path.join(os.path.dirname(path), 'prepare.py')
+    return f"; make it with python {script}" if not os.path.exists(path) and os.path.isfile(script) else ''
+
+
 def read_jsonl(path, schema):
     """Records of a JSONL file, every field of the schema checked: a str that is not empty."""
     fields = SCHEMAS[schema]
@@ -36,7 +43,7 @@ def read_jsonl(path, schema):
         with open(path, 'rb') as f:
             raw = f.read()
     except OSError as e:
-        raise DataError(f"{path}: cannot read the file: {e.strerror}") from None
+        raise DataError(f"{path}: cannot read the file: {e.strerror}{prepare_hint(path)}") from None
     if raw.startswith(b'\xef\xbb\xbf'):  # a UTF-8 byte-order mark, as some editors write
         raw = raw[3:]
     records = []

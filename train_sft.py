@@ -24,7 +24,7 @@ from common import (all_reduce_mean, check_finite, default_compile, default_devi
                     get_tokenizer, model_from_checkpoint, require_checkpoint, restore_rng, save_checkpoint, setup,
                     wrap_for_training)
 from configurator import check, configure
-from loaders import batch_indices, collate, read_jsonl, tokenize_sft
+from loaders import batch_indices, collate, prepare_hint, read_jsonl, tokenize_sft
 from model import GPT, GPTConfig, HF_REPOS, download_gpt2
 
 # -----------------------------------------------------------------------------
@@ -88,6 +88,9 @@ check(batch_size % (micro_batch_size * world_size) == 0,
       f"batch_size {batch_size} must be divisible by micro_batch_size {micro_batch_size} x {world_size} processes")
 grad_accum = batch_size // (micro_batch_size * world_size)
 device_type = 'cuda' if 'cuda' in device else 'cpu'
+
+for path in (train_file, val_file):  # before a GPT-2 download
+    check(os.path.isfile(path), f"{path}: no such file{prepare_hint(path)}")
 
 # -----------------------------------------------------------------------------
 # the model: from scratch, from GPT-2, or resumed
