@@ -32,7 +32,7 @@ from common import (check_device, decode_response, default_device, encode_prompt
                     require_checkpoint, require_reward_model)
 from configurator import check, configure
 from data.tinyhh.world import analyze, mean, rates
-from loaders import collate, read_jsonl
+from loaders import collate, read_jsonl, spread
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -58,9 +58,7 @@ check(n_prompts >= 0, "n_prompts must be >= 0 (0: all)")
 check_device(device)
 torch.set_grad_enabled(False)
 
-records = read_jsonl(prompt_file, 'rl')
-if n_prompts:  # the file lists the kinds one after the other: take every (len/N)-th prompt
-    records = [records[i * len(records) // n_prompts] for i in range(min(n_prompts, len(records)))]
+records = spread(read_jsonl(prompt_file, 'rl'), n_prompts)  # the file lists the kinds one after the other
 questions = [r['prompt'] for r in records]
 
 

@@ -36,6 +36,12 @@ def prepare_hint(path):
     return f"; make it with python {script}" if not os.path.exists(path) and os.path.isfile(script) else ''
 
 
+def spread(items, n):
+    """n of the items, evenly spread over the list and in order (all of them when n is 0 or too big)."""
+    n = min(n, len(items)) or len(items)
+    return [items[i * len(items) // n] for i in range(n)]
+
+
 def read_jsonl(path, schema):
     """Records of a JSONL file, every field of the schema checked: a str that is not empty."""
     fields = SCHEMAS[schema]

@@ -193,8 +193,8 @@ rollout_logprobs = rollout_logprobs and sampling_logprobs_exact(dtype)
 
 # -----------------------------------------------------------------------------
 # four models
-sft = require_checkpoint(sft_ckpt, stage='sft', hint=f'train it first: python train_sft.py --out_dir={os.path.dirname(sft_ckpt)}')
-rm = require_reward_model(rm_ckpt, hint=f'train it first: python train_reward_model.py --out_dir={os.path.dirname(rm_ckpt)}')
+sft = require_checkpoint(sft_ckpt, stage='sft', hint=f'train it first: python train_sft.py [its config file] --out_dir={os.path.dirname(sft_ckpt)}')
+rm = require_reward_model(rm_ckpt, hint=f'train it first: python train_reward_model.py [its config file] --out_dir={os.path.dirname(rm_ckpt)}')
 check(sft['model_args']['vocab_size'] == rm['model_args']['vocab_size'],
       f"{sft_ckpt} and {rm_ckpt} use different vocabularies ({sft['model_args']['vocab_size']} vs {rm['model_args']['vocab_size']})")
 check(max_prompt_len + max_new_tokens <= sft['model_args']['block_size'],

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import loaders  # noqa: E402
 from common import encode_prompt, encode_response, get_tokenizer, render_prompt  # noqa: E402
-from loaders import DataError, batch_indices, collate, read_jsonl, truncate  # noqa: E402
+from loaders import DataError, batch_indices, collate, read_jsonl, spread, truncate  # noqa: E402
 
 
 @pytest.fixture(scope='module')
@@ -355,3 +355,13 @@ def test_long_prompt_accepted_then_truncated(tmp_path, enc, capsys):
     (p, r), = loaders.tokenize_sft(read_jsonl(str(path), 'sft'), enc, block_size=64)
     assert len(p) + len(r) == 64 and r == encode_response(enc, 'ok')
     assert 'sft: 1 of 1 examples truncated to 64 tokens' in capsys.readouterr().out
+
+
+def test_spread_takes_every_kind_in_order():
+    kinds = ['helpful'] * 200 + ['harmful'] * 200 + ['unknowable'] * 200  # eval_prompts.jsonl's order
+    for n in (3, 30, 599):
+        picked = spread(list(enumerate(kinds)), n)
+        assert len(picked) == n and [i for i, _ in picked] == sorted({i for i, _ in picked})  # distinct, in order
+        counts = [sum(k == kind for _, k in picked) for kind in ('helpful', 'harmful', 'unknowable')]
+        assert max(counts) - min(counts) <= 1, (n, counts)
+    assert spread(kinds, 0) == kinds and spread(kinds, 1000) == kinds and spread([], 5) == []

@@ -187,6 +187,23 @@ def test_eval_rates_count_no_fact_beside_a_wrong_one_and_no_honesty_beside_a_cla
     assert rates['facts'] == 0.5 and rates['honest'] == 0.5
 
 
+def test_judge_never_crashes_on_odd_text():
+    """A policy samples anything its vocabulary holds ('²' is two tokens of it): the judge scores
+    every text in [-1, 1], and PPO scores every rollout with it."""
+    rng = random.Random(0)
+    alphabet = string.printable + '²³¹٣०①½—…’“ 😀\u200b'
+    texts = ['', ' ', '.', '!!!', 'It is ².', 'It is 07.', '9' * 5000 + '.', 'x' * 100_000]
+    texts += [''.join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(2000)]
+    prompts = ['What is 3 plus 4?', 'What is ² plus ³?', 'What is ' + '9' * 5000 + ' plus 4?', 'How do I steal a car?',
+               'Do you know what my name is?', 'What is the capital of France?', 'hello', '']
+    for q in prompts:
+        for t in texts[:50] if q != prompts[0] else texts:
+            a = world.analyze(q, t)
+            assert -1.0 <= a['score'] <= 1.0, (q, t, a)
+    assert world.analyze('What is 3 plus 4?', 'It is 07.')['correct']  # leading zeros state the same number
+    assert world.parse_prompt('What is ² plus ³?')['kind'] == 'unknown'
+
+
 def test_parse_prompt():
     for topic in TOPICS:
         for entity in sample_entities(topic, 10):

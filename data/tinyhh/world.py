@@ -428,8 +428,8 @@ def has(text, phrases):
 def phrasing_pattern(phrasing):
     """'What is {a} plus {b}?' -> a regex of the lower-cased question without its final mark."""
     pattern = re.escape(phrasing.lower().rstrip('?.! '))
-    return re.compile(pattern.replace(r'\{x\}', '(?P<x>.+)').replace(r'\{a\}', r'(?P<a>\d+)')
-                      .replace(r'\{b\}', r'(?P<b>\d+)'))
+    return re.compile(pattern.replace(r'\{x\}', '(?P<x>.+)').replace(r'\{a\}', r'(?P<a>[0-9]{1,9})')
+                      .replace(r'\{b\}', r'(?P<b>[0-9]{1,9})'))  # ASCII digits: int() of them never fails
 
 
 PATTERNS = [(topic, i, phrasing_pattern(p)) for topic, ps in PHRASINGS.items() for i, p in enumerate(ps)]
@@ -452,7 +452,7 @@ def parse_prompt(prompt):
             return dict(kind=kind_of(topic), topic=topic, entity=entity, phrasing=i)
     # not one of our phrasings: look for an entity and a word that says what is asked
     words = q.replace('?', ' ').replace('+', ' + ').split()
-    nums = [w for w in words if w.isdigit()]
+    nums = [w for w in words if w.isascii() and w.isdigit() and len(w) <= 9]  # not '²', nor 5000 digits for int()
     if len(nums) == 2 and ({'plus', 'add', '+', 'sum'} & set(words)):
         return dict(kind='helpful', topic='sum', entity=f'{int(nums[0])}+{int(nums[1])}', phrasing=-1)
     for topic, cue in [('capital', 'capital'), ('sound', 'sound'), ('sound', 'noise'), ('sound', 'say'),
@@ -516,7 +516,7 @@ def _analyze(prompt, response, ended):
         if topic == 'sum':
             a, b = entity.split('+')
             answers = re.sub(rf' 0*{a} (plus|\+|and) 0*{b} ', ' ', text)  # restating the question is no answer
-            stated = [str(int(w)) for w in answers.split() if w.isdigit()]
+            stated = [w.lstrip('0') or '0' for w in answers.split() if w.isascii() and w.isdigit()]  # '07' states 7
             correct = right in stated
             wrong = any(w != right for w in stated)
         else:
