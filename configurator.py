@@ -16,8 +16,8 @@ are read with ast.literal_eval, or kept as the raw string when that fails (--out
 Unlike nanoGPT, keys from files are checked as strictly as keys from the command line: an
 unknown key or a value of the wrong type is an error, not a silent new global.
 --help lists every key with its value in effect (the default, or what the other arguments set;
-keys and types are checked, a script's range checks are not) and its comment. Bad input found later (configurator.UserError: a data file's line, a NaN loss) is also
-reported as one line.
+keys and types are checked, a script's range checks are not) and its comment. Bad input found
+later (a UserError: a data file's line, a NaN loss) is also reported as one line.
 """
 import ast
 import difflib

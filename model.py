@@ -475,7 +475,8 @@ def load_safetensors(path):
             header = json.loads(f.read(n)) if 8 + n <= size else None
         except (struct.error, UnicodeDecodeError, json.JSONDecodeError):
             header = None
-        ends = [info['data_offsets'][1] for k, info in header.items() if k != '__metadata__'] if isinstance(header, dict) else []
+        header = header if isinstance(header, dict) else None
+        ends = [info['data_offsets'][1] for k, info in header.items() if k != '__metadata__'] if header else []
         if header is None or 8 + n + max(ends, default=0) > size:
             raise ValueError(f"{path}: not a whole safetensors file ({size} bytes): a cut download? "
                              f"Delete it and download it again")

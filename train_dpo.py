@@ -124,7 +124,8 @@ device_type = 'cuda' if 'cuda' in device else 'cpu'
 # the models: the policy (from the SFT model, or resumed) and the frozen reference (the SFT model)
 start_step, best_val = 0, float('inf')
 ckpt_path, best_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'best.pt')
-sft = require_checkpoint(sft_ckpt, stage='sft', hint=f'train it first: python train_sft.py [its config file] --out_dir={os.path.dirname(sft_ckpt)}')
+sft = require_checkpoint(sft_ckpt, stage='sft',
+                         hint=f'train it first: python train_sft.py [its config file] --out_dir={os.path.dirname(sft_ckpt)}')
 ref_model, model_args = model_from_checkpoint(sft, dropout=0.0)
 ref_model.to(device).eval().requires_grad_(False)
 if init_from == 'resume':

@@ -193,8 +193,10 @@ rollout_logprobs = rollout_logprobs and sampling_logprobs_exact(dtype)
 
 # -----------------------------------------------------------------------------
 # four models
-sft = require_checkpoint(sft_ckpt, stage='sft', hint=f'train it first: python train_sft.py [its config file] --out_dir={os.path.dirname(sft_ckpt)}')
-rm = require_reward_model(rm_ckpt, hint=f'train it first: python train_reward_model.py [its config file] --out_dir={os.path.dirname(rm_ckpt)}')
+sft = require_checkpoint(sft_ckpt, stage='sft',
+                         hint=f'train it first: python train_sft.py [its config file] --out_dir={os.path.dirname(sft_ckpt)}')
+rm = require_reward_model(rm_ckpt,
+                          hint=f'train it first: python train_reward_model.py [its config file] --out_dir={os.path.dirname(rm_ckpt)}')
 check(sft['model_args']['vocab_size'] == rm['model_args']['vocab_size'],
       f"{sft_ckpt} and {rm_ckpt} use different vocabularies ({sft['model_args']['vocab_size']} vs {rm['model_args']['vocab_size']})")
 check(max_prompt_len + max_new_tokens <= sft['model_args']['block_size'],
@@ -330,7 +332,8 @@ for it in bar:
                     stats[key].append(v.detach())
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
             # the loss averaged over processes, as grad_norm is: every rank takes the same decision
-            if check_finite(all_reduce_mean(loss.detach(), ddp).item(), grad_norm, it, os.path.join(out_dir, 'ckpt.pt'), skip_nonfinite):
+            mean_loss = all_reduce_mean(loss.detach(), ddp).item()
+            if check_finite(mean_loss, grad_norm, it, os.path.join(out_dir, 'ckpt.pt'), skip_nonfinite):
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 

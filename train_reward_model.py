@@ -116,7 +116,8 @@ if init_from == 'resume':
     model, model_args = model_from_checkpoint(ckpt, dropout=dropout)
     start_step, best_val = ckpt['step'], ckpt['best_val']
 else:
-    ckpt = require_checkpoint(sft_ckpt, stage='sft', hint=f'train it first: python train_sft.py [its config file] --out_dir={os.path.dirname(sft_ckpt)}')
+    ckpt = require_checkpoint(sft_ckpt, stage='sft',
+                              hint=f'train it first: python train_sft.py [its config file] --out_dir={os.path.dirname(sft_ckpt)}')
     model, model_args = model_from_checkpoint(ckpt, scalar_head=True, dropout=dropout)
 check(model_args['block_size'] >= block_size, f"block_size {block_size} > the model's {model_args['block_size']}")
 model.to(device)
