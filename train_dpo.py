@@ -18,8 +18,8 @@ that ends the response included; prompt tokens are conditioning only), from one 
 models: with it, pi_theta != pi_ref at step 0 even with equal weights. The implicit reward
 r(x, y) = beta (log pi_theta(y|x) - log pi_ref(y|x)) is what the logged rewards/* metrics show.
 Left out: online sampling, length normalisation of log pi (this IPO sums, as the paper's h does),
-and any reward model. precompute_ref_logps=True runs pi_ref over the train and val pairs once
-before training and then frees it: the same numbers, one model's memory less.
+and any reward model. precompute_ref_logps=True runs pi_ref once before training over the val
+pairs and the train pairs the run will use, then frees it: the same numbers, one model's memory less.
 
     python train_dpo.py                               # built-in world, from out/sft/best.pt, CPU
     python train_dpo.py --beta=0.3 --loss_type=ipo    # any default below can be overridden
@@ -80,7 +80,7 @@ block_size = 128                              # longest prompt + response, in to
 beta = 0.5                                    # strength of the implicit KL penalty to the reference (0.1 drifts into garbled tokens here)
 loss_type = 'sigmoid'                         # 'sigmoid' (DPO) | 'ipo'
 label_smoothing = 0.0                         # eps of conservative DPO: the assumed rate of flipped labels (sigmoid only)
-precompute_ref_logps = False                  # run the reference once over all pairs, then free it
+precompute_ref_logps = False                  # run the reference once over the pairs the run uses, then free it
 # optimization
 batch_size = 32                               # preference pairs per optimizer step, summed over all processes
 micro_batch_size = 32                         # pairs per forward pass per process (2x rows: chosen and rejected)
@@ -167,27 +167,33 @@ def collate_pairs(pairs):
 
 
 @torch.no_grad()
-def reference_logps(pairs):
-    """log pi_ref of every pair's chosen and rejected response: two tensors (N,), in pair order."""
-    out = []
-    for i in range(0, len(pairs), micro_batch_size):
-        seq, targets = collate_pairs(pairs[i:i + micro_batch_size])
+def reference_logps(pairs, indices):
+    """log pi_ref of the chosen and rejected responses of pairs[indices]: two tensors (N,) in pair
+    order, NaN at the pairs left out (used by mistake, a NaN stops the run)."""
+    chosen, rejected = torch.full((len(pairs),), float('nan')), torch.full((len(pairs),), float('nan'))
+    for i in range(0, len(indices), micro_batch_size):
+        idx = indices[i:i + micro_batch_size]
+        seq, targets = collate_pairs([pairs[j] for j in idx])
         with ctx:
-            out.append(sequence_logps(ref_model, seq, targets).float().view(2, -1))
-    out = torch.cat(out, dim=1)
-    return out[0], out[1]
+            chosen[idx], rejected[idx] = sequence_logps(ref_model, seq, targets).float().cpu().view(2, -1)
+    return chosen, rejected
 
 
 ref_train = ref_val = None
 if precompute_ref_logps:
     t = time.time()
-    ref_train, ref_val = reference_logps(train), reference_logps(val)
+    # only the pairs this process trains on from here to max_steps: a short run stays short, and
+    # under DDP each process computes its own share
+    used = sorted({i for step in range(start_step, max_steps)
+                   for i in batch_indices(len(train), batch_size, step, seed, rank, world_size)})
+    ref_train, ref_val = reference_logps(train, used), reference_logps(val, list(range(len(val))))
     del ref_model  # from here on the reference is these 2 (N_train + N_val) numbers
     ref_model = None
     if device_type == 'cuda':
         torch.cuda.empty_cache()
     if master:
-        print(f"reference log-probs of {len(train) + len(val)} pairs precomputed in {time.time() - t:.0f} s; reference model freed")
+        print(f"reference log-probs of {len(used)} train and {len(val)} val pairs precomputed in {time.time() - t:.0f} s; "
+              f"reference model freed")
 
 
 def pair_logps(policy, pairs, indices, ref):

@@ -311,8 +311,13 @@ def test_dpo_overfits_64_pairs(dpo_online):
 
 
 def test_dpo_precomputed_reference_equals_online(world, dpo_online):
-    run_script('train_dpo.py', *DPO_ARGS, f'--sft_ckpt={world}/sft.pt', f'--train_file={world}/prefs.jsonl',
-               f'--val_file={world}/prefs.jsonl', f'--out_dir={world}/dpo_pre', '--precompute_ref_logps=True', env=ONE_THREAD)
+    p = run_script('train_dpo.py', *DPO_ARGS, f'--sft_ckpt={world}/sft.pt', f'--train_file={world}/prefs.jsonl',
+                   f'--val_file={world}/prefs.jsonl', f'--out_dir={world}/dpo_pre', '--precompute_ref_logps=True', env=ONE_THREAD)
+    assert 'reference log-probs of 64 train and 64 val pairs precomputed' in p.stdout  # 25 steps of 32: every pair
+    short = run_script('train_dpo.py', *DPO_ARGS, f'--sft_ckpt={world}/sft.pt', f'--train_file={world}/prefs.jsonl',
+                       f'--val_file={world}/prefs.jsonl', f'--out_dir={world}/dpo_pre_short', '--precompute_ref_logps=True',
+                       '--max_steps=1', '--eval_interval=1', env=ONE_THREAD)
+    assert 'reference log-probs of 32 train and 64 val pairs precomputed' in short.stdout  # one step: only its batch
     pre = read_log(world / 'dpo_pre' / 'log.jsonl')
     assert len(dpo_online) == len(pre) == 25 + 4  # 25 train rows, evals at steps 0, 10, 20 and 24
     for a, b in zip(dpo_online, pre):  # every metric of every step, train and val
