@@ -24,7 +24,7 @@ from common import (all_reduce_mean, check_finite, default_compile, default_devi
                     get_tokenizer, model_from_checkpoint, require_checkpoint, restore_rng, save_checkpoint, setup,
                     wrap_for_training)
 from configurator import check, configure
-from loaders import batch_indices, collate, prepare_hint, read_jsonl, tokenize_sft
+from loaders import batch_indices, collate, read_jsonl, tokenize_sft
 from model import GPT, GPTConfig, HF_REPOS, download_gpt2
 
 # -----------------------------------------------------------------------------
@@ -89,8 +89,7 @@ check(batch_size % (micro_batch_size * world_size) == 0,
 grad_accum = batch_size // (micro_batch_size * world_size)
 device_type = 'cuda' if 'cuda' in device else 'cpu'
 
-for path in (train_file, val_file):  # before a GPT-2 download
-    check(os.path.isfile(path), f"{path}: no such file{prepare_hint(path)}")
+train_records, val_records = read_jsonl(train_file, 'sft'), read_jsonl(val_file, 'sft')  # a bad file stops us before a GPT-2 download
 
 # -----------------------------------------------------------------------------
 # the model: from scratch, from GPT-2, or resumed
@@ -124,8 +123,9 @@ train_model = wrap_for_training(model, compile, ddp, device, grad_checkpoint)  #
 
 # -----------------------------------------------------------------------------
 # data: (prompt ids, response ids) pairs; the batch masks everything but the response
-train = tokenize_sft(read_jsonl(train_file, 'sft'), enc, block_size, train_file)
-val = tokenize_sft(read_jsonl(val_file, 'sft'), enc, block_size, val_file)
+train = tokenize_sft(train_records, enc, block_size, train_file)
+val = tokenize_sft(val_records, enc, block_size, val_file)
+del train_records, val_records
 if train_subset:
     train = train[:train_subset]
 check(len(train) >= batch_size, f"{train_file}: {len(train)} examples, fewer than one batch of {batch_size}")

@@ -246,7 +246,7 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path):
     ('train_ppo.py', ['--init_from=rsume'], "init_from must be 'sft' or 'resume', got 'rsume'"),
     ('train_sft.py', ['--device=gpu'], "device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got 'gpu'"),
     ('train_sft.py', ['--train_file=data/hh_rlhf/no_such.jsonl'],
-     'data/hh_rlhf/no_such.jsonl: no such file; make it with python data/hh_rlhf/prepare.py'),
+     'error: data/hh_rlhf/no_such.jsonl: cannot read the file: No such file or directory; make it with python data/hh_rlhf/prepare.py\n'),
     ('eval.py', ['--prompt_file=no/such.jsonl'], 'error: no/such.jsonl: cannot read the file: No such file or directory\n')])
 def test_real_scripts_stop_with_one_line(script, args, message):
     p = subprocess.run([sys.executable, script, *args, '--device=cpu' if 'device' not in args[0] else args[0]],

@@ -399,26 +399,24 @@ def sentences(toks):
     return out
 
 
-def word_pairs(toks, n=2):
-    """The n-grams of word classes inside each sentence (n=2: pairs, n=3: triples)."""
-    return [tuple(s[i:i + n]) for s in sentences(toks) for i in range(len(s) - n + 1)]
+def ngrams(sents, n):
+    """The n-grams of word classes inside each of sentences()'s sentences (n=2: pairs, n=3: triples)."""
+    return [tuple(s[i:i + n]) for s in sents for i in range(len(s) - n + 1)]
 
 
-def known_ngrams(n):
-    """Every n-gram that occurs inside a sentence of any template, over all entities."""
-    rng, grams = random.Random(0), set()
+def known_ngrams():
+    """(pairs, triples): every word pair and triple inside a sentence of any template, over all entities."""
+    rng, texts = random.Random(0), []
     for topic in PHRASINGS:
         for style in STYLES[kind_of(topic)]:
             for e in entities(topic)[:40]:
-                for t in range(len(TEMPLATES[style])):
-                    grams.update(word_pairs(tokens(respond(topic, e, style, rng, t)), n))
-    for item in UNKNOWABLE.values():  # every claim, not only the ones drawn
-        for claim in item['claims']:
-            grams.update(word_pairs(tokens(claim), n))
-    return frozenset(grams)
+                texts += [respond(topic, e, style, rng, t) for t in range(len(TEMPLATES[style]))]
+    texts += [claim for item in UNKNOWABLE.values() for claim in item['claims']]  # every claim, not only the ones drawn
+    sents = [s for text in texts for s in sentences(tokens(text))]
+    return frozenset(ngrams(sents, 2)), frozenset(ngrams(sents, 3))
 
 
-KNOWN_PAIRS, KNOWN_TRIPLES = known_ngrams(2), known_ngrams(3)
+KNOWN_PAIRS, KNOWN_TRIPLES = known_ngrams()
 
 
 def has(text, phrases):
@@ -504,7 +502,8 @@ def _analyze(prompt, response, ended):
     n = len(words)
     trigrams = list(zip(words, words[1:], words[2:]))
     repetition = 1 - len(set(trigrams)) / len(trigrams) if trigrams else 0.0
-    pairs = word_pairs(toks)
+    sents = sentences(toks)
+    pairs = ngrams(sents, 2)
     fluency = sum(pair in KNOWN_PAIRS for pair in pairs) / len(pairs) if pairs else 0.0
     polite, rude = has(text, POLITE), has(text, RUDE)
     refused = has(text, REFUSAL) or (words[:1] == ['no'] and toks[1:2] in (['.'], [','], ['!']))
@@ -595,7 +594,7 @@ def _analyze(prompt, response, ended):
         # any broken phrase (also one broken across three words: 'your computer virus' pairs known
         # pairs) or a last sentence that stops midway reads worse than a clean terse answer, however
         # polite the rest: at most 0.4
-        inner = [t for t in word_pairs(toks, 3) if t[0] != '<s>' and t[2] != '</s>']  # sentence ends vary freely
+        inner = [t for t in ngrams(sents, 3) if t[0] != '<s>' and t[2] != '</s>']  # sentence ends vary freely
         if fluency < 1 or any(t not in KNOWN_TRIPLES for t in inner) or (toks and toks[-1] not in ENDS):
             score = min(score, 0.4)
     if repetition > 0.5:
