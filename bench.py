@@ -202,7 +202,7 @@ def optimizer_step(model, optimizer):
 
 def bench_sft():
     model = new_model()
-    optimizer, train_model = model.configure_optimizers(0.1, 2e-3, (0.9, 0.95), device_type), for_training(model)
+    optimizer, train_model = model.configure_optimizers(0.1, 2e-3, (0.9, 0.95)), for_training(model)
 
     def step():
         t0 = clock()
@@ -223,7 +223,7 @@ def collate_pairs():
 
 def bench_rm():
     model = new_model(scalar_head=True)
-    optimizer, train_model = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), device_type), for_training(model)
+    optimizer, train_model = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95)), for_training(model)
 
     def step():
         t0 = clock()
@@ -239,7 +239,7 @@ def bench_rm():
 
 def bench_dpo():
     model, ref_model = new_model(), new_model().eval().requires_grad_(False)
-    optimizer, train_model = model.configure_optimizers(0.0, 1e-4, (0.9, 0.95), device_type), for_training(model)
+    optimizer, train_model = model.configure_optimizers(0.0, 1e-4, (0.9, 0.95)), for_training(model)
     with torch.no_grad(), ctx:  # the reference log-probs of precompute_ref_logps=True, computed before training
         seq, targets, _ = collate_pairs()
         ref_precomputed = dpo_fns.sequence_logps(ref_model, seq, targets).float().split(B)

@@ -134,7 +134,8 @@ def save_checkpoint(path, model, optimizer, model_args, config, stage, step, **e
         raise NonFiniteError(f"refusing to save {path} at step {step}: non-finite weights in {bad[:3]}")
     ckpt = dict(model=state, optimizer=optimizer.state_dict() if optimizer is not None else None,
                 model_args=model_args, config=config, stage=stage, step=step, rng=torch.get_rng_state(),
-                # this process's device only: a resume may see fewer GPUs (every stage reseeds each step anyway)
+                # this process's device only: a resume may see fewer GPUs (SFT, RM and PPO reseed each step;
+                # DPO draws no random numbers while training)
                 cuda_rng=torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
                 **extra)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -236,7 +237,8 @@ def sampling_logprobs_exact(dtype):
     """Are the log-probs generate() returns the ones a forward pass gives? In float32, yes (to 1e-6).
     Under bfloat16 autocast or TF32 matmuls the one-token decode steps and the full-sequence pass
     round differently (errors of 1e-2 nats), so PPO recomputes pi_old with a forward pass there:
-    then pi / pi_old is exactly 1 on the first minibatch and the KL to the reference 0 at step 0."""
+    then the KL to the reference is 0 at step 0 and pi / pi_old is 1 on the first minibatch up to the
+    rounding between that pass and the training pass (exactly 1 where both run the same kernels)."""
     return dtype == 'float32' and not torch.backends.cuda.matmul.allow_tf32
 
 

@@ -177,6 +177,7 @@ def batch_indices(n, batch_size, step, seed, rank=0, world_size=1):
     per_epoch = n // batch_size
     assert per_epoch > 0, f"{n} examples cannot fill one batch of {batch_size}"
     epoch, i = divmod(step, per_epoch)
+    # one seed per (seed, epoch): 100_003 is a prime above any epoch count, so no two pairs collide
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     batch = perm[i * batch_size:(i + 1) * batch_size]
     per_rank = batch_size // world_size

@@ -44,24 +44,24 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
 
-    def forward(self, x, mask=None, kv_cache=None, pos=0):
+    def forward(self, x, mask=None, kv_cache=None, start=0):
         """mask: None for plain causal attention, else a bool (B, 1, T, S) of allowed keys.
-        kv_cache: this layer's (k, v) buffers (B, nh, T_max, hs); x is written at [pos, pos+T) and
-        attends to the cache up to there. pos a tensor (T,) of write positions instead: static shapes
-        for CUDA graphs, x attends to the whole cache and the mask hides what is not written yet."""
+        kv_cache: this layer's (k, v) buffers (B, nh, T_max, hs); x is written at [start, start+T)
+        and attends to the cache up to there. start a tensor (T,) of write positions instead: static
+        shapes for CUDA graphs, x attends to the whole cache and the mask hides what is not written yet."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if kv_cache is not None:
             k_cache, v_cache = kv_cache
-            if torch.is_tensor(pos):
-                k_cache.index_copy_(2, pos, k)
-                v_cache.index_copy_(2, pos, v)
+            if torch.is_tensor(start):
+                k_cache.index_copy_(2, start, k)
+                v_cache.index_copy_(2, start, v)
                 k, v = k_cache, v_cache
             else:
-                k_cache[:, :, pos:pos + T] = k
-                v_cache[:, :, pos:pos + T] = v
-                k, v = k_cache[:, :, :pos + T], v_cache[:, :, :pos + T]
+                k_cache[:, :, start:start + T] = k
+                v_cache[:, :, start:start + T] = v
+                k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]
         dropout = self.dropout if self.training else 0.0
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
@@ -93,8 +93,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask=None, kv_cache=None, pos=0):
-        x = x + self.attn(self.ln_1(x), mask, kv_cache, pos)
+    def forward(self, x, mask=None, kv_cache=None, start=0):
+        x = x + self.attn(self.ln_1(x), mask, kv_cache, start)
         return x + self.mlp(self.ln_2(x))
 
 # -----------------------------------------------------------------------------
@@ -249,7 +249,7 @@ class GPT(nn.Module):
         assert self.scalar_head is not None, "this model has no scalar head (GPTConfig.scalar_head=False)"
         return self(idx, attention_mask=attention_mask)[0]
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, betas):
         # weight decay on matrices only (linears, embeddings); never on biases and LayerNorm gains
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
@@ -352,7 +352,8 @@ class GPT(nn.Module):
         return seq[:, :P + n], key_mask[:, :P + n].long(), logprobs[:, :n], response_mask[:, :n].long()
 
     def _step(self, idx, pos, mask, kv, start):
-        """Run idx (B, T) at positions pos through the blocks, filling the KV cache from start;
+        """Run idx (B, T) at position ids pos (B, T) through the blocks, writing their keys and values
+        into the KV cache from start (an int, or a tensor of write positions: see the attention);
         returns the logits of the last position (B, V)."""
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for block, kv_l in zip(self.transformer.h, kv):

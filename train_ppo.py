@@ -20,14 +20,17 @@ One iteration:
 Four models: the policy (trained, from SFT), the reference (frozen SFT), the reward model (frozen,
 from train_reward_model.py) and the value model (trained; initialised from the reward model, the
 standard choice: it already reads text as a scalar). Dropout is off everywhere, and every
-log-prob (sampling, reference, update) uses the same temperature, so the ratio is exactly 1 on the
-first minibatch (logged as check/ratio_dev). Not here: reward whitening, entropy bonus, multiple
-samples per prompt, a separate critic learning rate.
+log-prob (sampling, reference, update) uses the same temperature, so the ratio pi/pi_old is 1 on
+the first minibatch up to rounding (logged as check/ratio_dev: a few 1e-6 in float32, where pi_old
+comes from the sampling step; under bf16 pi_old comes from an eager forward pass and pi from the
+training pass, compiled on CUDA, so the two may round apart). Not here: InstructGPT's pretraining
+term (PPO-ptx), reward whitening, entropy bonus, multiple samples per prompt, a separate critic
+learning rate.
 
     python train_ppo.py                  # after train_sft.py and train_reward_model.py
     python train_ppo.py --kl_coef=0.1
     python train_ppo.py config/ppo_gpt2_hh.py   # GPT-2 on Anthropic HH-RLHF, one GPU
-    torchrun --standalone --nproc_per_node=8 train_ppo.py config/ppo_gpt2_hh.py
+    torchrun --standalone --nproc_per_node=8 train_ppo.py config/ppo_gpt2_hh.py --micro_batch_size=2   # 16 = 2 x 8
 """
 import json
 import os
@@ -112,7 +115,9 @@ def ppo_value_loss(values, old_values, returns, mask, cliprange_value):
 
 
 def kl_estimators(logprobs, ref_logprobs):
-    """Per-token estimators of KL(pi || pi_ref) from samples of pi (Schulman's k1 and k3)."""
+    """Per-token estimators of KL(pi || pi_ref) from samples of pi (Schulman's k1 and k3). The penalty
+    uses k1, log pi - log pi_ref (unbiased; a single token's value can be negative); k3 = (r - 1) - log r
+    with r = pi_ref / pi is unbiased too and never negative, and is logged beside it as kl_k3."""
     log_ratio = logprobs - ref_logprobs
     return log_ratio, torch.exp(-log_ratio) - 1 + log_ratio
 
@@ -185,9 +190,6 @@ ddp, rank, world_size, device, ctx = setup(device, dtype, seed)
 master = rank == 0
 check(mini_batch_size % (micro_batch_size * world_size) == 0,
       f"mini_batch_size {mini_batch_size} must be divisible by micro_batch_size {micro_batch_size} x {world_size} processes")
-device_type = 'cuda' if 'cuda' in device else 'cpu'
-rollout_batch = batch_size // world_size      # prompts this process samples per iteration
-grad_accum = mini_batch_size // (micro_batch_size * world_size)
 # under bfloat16 or TF32 (any CUDA run) the sampling log-probs are not exact: pi_old then comes from a forward pass
 rollout_logprobs = rollout_logprobs and sampling_logprobs_exact(dtype)
 
@@ -218,6 +220,8 @@ for m in (ref_model, reward_model):
     m.eval().requires_grad_(False)
 policy.train(), value_model.train()  # dropout is 0 in all four: train() changes nothing but intent
 params = [p for m in (policy, value_model) for p in m.parameters()]
+# one optimizer for both models; unlike the other stages, weight decay (default 0) would reach every
+# parameter; eps=1e-5 as in OpenAI baselines' PPO
 optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.95), weight_decay=weight_decay,
                               eps=1e-5, fused=True)
 if init_from == 'resume':
@@ -274,7 +278,7 @@ bar = tqdm(range(start_iter, max_iters), initial=start_iter, total=max_iters, di
 for it in bar:
     # the iteration's random numbers (sampling, minibatch order) depend on (seed, it, rank) only, like its
     # prompts: a resumed run draws the same ones on every rank (a checkpoint holds rank 0's RNG state only)
-    torch.manual_seed(seed + 100_003 * it + rank)
+    torch.manual_seed(seed + 100_003 * it + rank)  # 100_003: a prime above any rank count, so no two collide
     # 1. rollout: this process's prompts, sampled with the KV cache
     batch_ids = batch_indices(len(prompts), batch_size, it, seed, rank, world_size)
     batch = [prompts[i] for i in batch_ids]
@@ -311,6 +315,7 @@ for it in bar:
             mb = order[start:start + mb_rows]
             # each token weighs the same in the minibatch's loss, whatever micro-batch or process it sits in
             mb_tokens = all_reduce_mean(response_mask[mb].sum(), ddp) * world_size
+            mb_loss = 0.0  # the minibatch's loss: the sum of the micro-batches' shares
             for k in range(0, len(mb), micro_rows):
                 rows = mb[k:k + micro_rows]
                 if ddp:  # sync gradients only on the last micro-batch
@@ -325,20 +330,22 @@ for it in bar:
                 # DDP averages gradients over processes, hence * world_size
                 loss = (pg_loss + vf_coef * vf_loss) * mask.sum() / mb_tokens * world_size
                 loss.backward()
-                if ratio_dev is None:  # the first minibatch of the first epoch: pi == pi_old exactly
+                mb_loss += loss.detach()
+                if ratio_dev is None:  # the first micro-batch: no step taken yet, so pi == pi_old up to rounding
                     ratio_dev = ((ratio - 1).abs() * mask).max().item()
                 for key, v in zip(stats, (pg_loss, vf_loss, pg_clipfrac, vf_clipfrac, approxkl,
                                           masked_mean(ratio, mask), masked_mean(entropy, mask))):
                     stats[key].append(v.detach())
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
-            # the loss averaged over processes, as grad_norm is: every rank takes the same decision
-            mean_loss = all_reduce_mean(loss.detach(), ddp).item()
+            # the minibatch's loss (the mean over processes of their shares, as grad_norm is): every rank decides alike
+            mean_loss = all_reduce_mean(mb_loss, ddp).item()
             if check_finite(mean_loss, grad_norm, it, os.path.join(out_dir, 'ckpt.pt'), skip_nonfinite):
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
     # 6. the KL coefficient, and the iteration's statistics (averaged over all processes)
     kl_seq = kl.sum(1)  # summed over the response: KL(pi || pi_ref) of whole sequences
+    k3_seq = (kl_estimators(old_logprobs, ref_logprobs)[1] * response_mask).sum(1)  # the same KL by k3: never negative
     var_returns = returns[response_mask.bool()].var()
     explained_var = 1 - (returns - old_values)[response_mask.bool()].var() / var_returns.clamp(min=1e-8)
     gold = torch.zeros(len(batch))
@@ -346,7 +353,7 @@ for it in bar:
         texts = [decode_response(enc, seq[i, P:P + lengths[i]].tolist()) for i in range(len(batch))]
         gold = torch.tensor([judge(records[i]['prompt'], t, e) for i, t, e in zip(batch_ids, texts, ended.tolist())])
     row = {'score': scores.mean(), 'rlhf_reward': (scores - kl_coef * kl_seq).mean(), 'kl': kl_seq.mean(),
-           'gold': gold.mean(), 'response_length': lengths.float().mean(), 'ended': ended.float().mean(),
+           'kl_k3': k3_seq.mean(), 'gold': gold.mean(), 'response_length': lengths.float().mean(), 'ended': ended.float().mean(),
            'explained_variance': explained_var, **{k: torch.stack(v).mean() for k, v in stats.items()}}
     row = {k: all_reduce_mean(torch.as_tensor(v, dtype=torch.float32, device=device), ddp).item() for k, v in row.items()}
     if adaptive_kl_ctl:

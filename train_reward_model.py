@@ -7,13 +7,13 @@ al. 2022, eq. 1). A rater who saw response y_w beat y_l for prompt x is modelled
 
 r_phi is the SFT model with a scalar head (Linear(n_embd, 1), zero-initialised so every reward
 starts at 0) read at the LAST real token of prompt + response: the <|endoftext|> that closes the
-response, the only position that has seen all of it. Chosen and rejected rows go through the model
+response (unless truncation cut it off), the only position that has seen all of it. Chosen and rejected rows go through the model
 in one forward pass, stacked as [chosen rows; rejected rows].
 
 The loss depends on reward differences only, so the reward's zero is free. One epoch is the usual
 schedule (a second one overfits the noisy labels), and its final weights are the reward model; at
-the end they are centred: the mean reward over sft_train_file's demonstrations
-is subtracted from the scalar head's bias, so r = 0 is "as good as a demonstration" and PPO starts
+the end they are centred: the mean reward over the first norm_examples of sft_train_file's
+demonstrations is subtracted from the scalar head's bias, so r = 0 is "as good as a demonstration" and PPO starts
 near reward 0. best.pt also stores that mean as reward_offset: the raw reward (before centring) is
 r + reward_offset. Its value is not used downstream, but its presence marks a finished, centred
 reward model: PPO and eval.py refuse a best.pt without it. ckpt.pt (the latest state, to resume)
@@ -105,7 +105,6 @@ ddp, rank, world_size, device, ctx = setup(device, dtype, seed)
 master = rank == 0
 check(batch_size % (micro_batch_size * world_size) == 0,
       f"batch_size {batch_size} must be divisible by micro_batch_size {micro_batch_size} x {world_size} processes")
-device_type = 'cuda' if 'cuda' in device else 'cpu'
 
 # -----------------------------------------------------------------------------
 # the model: the SFT model plus a zero-initialised scalar head, or resumed
@@ -122,7 +121,7 @@ else:
 check(model_args['block_size'] >= block_size, f"block_size {block_size} > the model's {model_args['block_size']}")
 model.to(device)
 enc = get_tokenizer(model_args['vocab_size'])
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2))
 if init_from == 'resume':
     optimizer.load_state_dict(ckpt['optimizer'])
     restore_rng(ckpt)
@@ -254,7 +253,7 @@ for step in bar:
         # DDP averages gradients over processes; the loss is already normalised by the global batch
         (loss * world_size).backward()
         sums += pair_stats(chosen.detach(), rejected.detach())
-        tokens_seen += seq.numel()
+        tokens_seen += sum(2 * len(p) + len(c) + len(r) for p, c, r in batch)  # real tokens, pads not counted
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
     loss_sum, correct, margin, chosen_sum, rejected_sum, n = (all_reduce_mean(sums, ddp) * world_size).tolist()
     train_metrics = {'loss': loss_sum / n, 'accuracy': correct / n, 'margin': margin / n,
@@ -285,7 +284,7 @@ if master:
     model.eval()
     total = 0.0
     with torch.no_grad():
-        for i in range(0, len(demos), 2 * micro_batch_size):
+        for i in range(0, len(demos), 2 * micro_batch_size):  # a micro-batch of pairs is 2x rows: same memory
             seq, _, lengths = collate(demos[i:i + 2 * micro_batch_size], enc.eot_token, device)
             with ctx:
                 total += last_token_rewards(model, seq, lengths).double().sum().item()

@@ -5,12 +5,13 @@ Supervised fine-tuning (SFT): teach the model to answer like the demonstrations.
 
 summed over response tokens y_t only (N = response tokens in the batch): the prompt x conditions
 the model but its targets are -1, so it is never learned. Every response ends with
-<|endoftext|>, which is a target too: a model that never learns to stop is a classic bug.
+<|endoftext|> (unless truncation to block_size cut it off), which is a target too: a model that
+never learns to stop is a classic bug.
 
     python train_sft.py                              # built-in world, tiny model from scratch, CPU
     python train_sft.py --max_steps=200              # any default below can be overridden
     python train_sft.py config/sft_gpt2_hh.py        # GPT-2 on Anthropic HH-RLHF, one GPU
-    torchrun --standalone --nproc_per_node=8 train_sft.py config/sft_gpt2_hh.py
+    torchrun --standalone --nproc_per_node=8 train_sft.py config/sft_gpt2_hh.py --micro_batch_size=8   # 64 = 8 x 8
 """
 import json
 import math
@@ -87,7 +88,6 @@ master = rank == 0
 check(batch_size % (micro_batch_size * world_size) == 0,
       f"batch_size {batch_size} must be divisible by micro_batch_size {micro_batch_size} x {world_size} processes")
 grad_accum = batch_size // (micro_batch_size * world_size)
-device_type = 'cuda' if 'cuda' in device else 'cpu'
 
 train_records, val_records = read_jsonl(train_file, 'sft'), read_jsonl(val_file, 'sft')  # a bad file stops us before a GPT-2 download
 
@@ -112,7 +112,7 @@ else:
 check(model_args['block_size'] >= block_size, f"block_size {block_size} > the model's {model_args['block_size']}")
 model.to(device)
 enc = get_tokenizer(model_args['vocab_size'])
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2))
 if init_from == 'resume':
     optimizer.load_state_dict(ckpt['optimizer'])
     restore_rng(ckpt)
@@ -166,7 +166,9 @@ t0, tokens_seen, loss_value = time.time(), 0, float('nan')
 # steps run 0 .. max_steps - 1; the extra pass at step == max_steps evaluates and saves the final weights
 bar = tqdm(range(start_step, max_steps + 1), initial=start_step, total=max_steps, disable=not master, desc='sft', mininterval=1.0)
 for step in bar:
-    torch.manual_seed(seed + 100_003 * step + rank)  # dropout masks from (seed, step, rank): a resume under DDP is exact too
+    # dropout masks from (seed, step, rank): a resume under DDP is exact too (100_003: a prime above
+    # any rank count, so no two (step, rank) share a seed)
+    torch.manual_seed(seed + 100_003 * step + rank)
     lr = get_lr(step, learning_rate, warmup_steps, max_steps, min_lr_ratio)
     if step % eval_interval == 0 or step == max_steps:
         val_loss = evaluate()
@@ -200,7 +202,7 @@ for step in bar:
         # DDP averages gradients over processes; the loss is already normalised by the global count
         (loss * world_size).backward()
         loss_sum += loss.detach()
-        tokens_seen += seq.numel()
+    tokens_seen += sum(len(train[j][0]) + len(train[j][1]) for j in idx)  # real tokens, pads not counted
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
     loss_value = all_reduce_mean(loss_sum, ddp).item() * world_size
     if not check_finite(loss_value, grad_norm, step, ckpt_path, skip_nonfinite):

@@ -38,7 +38,7 @@ def trained_tiny(seed=0, steps=2):
     """A tiny GPT and its AdamW after a few steps, so the optimizer has state to save."""
     torch.manual_seed(seed)
     model = GPT(TINY)
-    optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu')
+    optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95))
     for _ in range(steps):
         train_step(model, optimizer)
     return model, optimizer
@@ -83,7 +83,7 @@ def test_round_trip(tmp_path):
         assert k == k2 and torch.equal(v, v2), k
     assert restored.lm_head.weight is restored.transformer.wte.weight  # still tied
     # optimizer: the same moments, and the next step lands on the same weights
-    restored_opt = restored.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu')
+    restored_opt = restored.configure_optimizers(0.1, 1e-2, (0.9, 0.95))
     restored_opt.load_state_dict(ckpt['optimizer'])
     states = list(optimizer.state.values())
     assert len(states) > 0 and len(states) == len(restored_opt.state)
