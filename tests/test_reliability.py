@@ -12,7 +12,6 @@ import json
 import os
 import runpy
 import signal
-import subprocess
 import sys
 import time
 
@@ -21,7 +20,7 @@ import torch
 
 from common import save_checkpoint
 from model import GPT, GPTConfig
-from scripts import ROOT, read_log
+from scripts import ROOT, finish, read_log, start_python
 from test_ppo import make_tiny_world
 
 ENV = {'OMP_NUM_THREADS': '1'}  # one thread per process: the models are tiny and the CPU is shared
@@ -64,15 +63,11 @@ def ppo_args(tmp_path):
     return make_tiny_world(tmp_path) + ['--max_iters=4', '--ckpt_interval=2', '--learning_rate=1e-3']
 
 
-def run_all(cases):
+def run_all(cases, tmp_path):
     """Run the (script, args) cases side by side; returns (exit code, stdout, stderr) of each."""
-    procs = [subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=dict(os.environ, **ENV)) for script, args in cases]
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=240)
-        results.append((p.returncode, out, err))
-    return results
+    files = [(tmp_path / f'run{i}.out', tmp_path / f'run{i}.err') for i in range(len(cases))]
+    procs = [start_python([ROOT / script, *args], out, err, ENV) for (script, args), (out, err) in zip(cases, files)]
+    return [(p.returncode, p.stdout, p.stderr) for p in (finish(proc, *f, timeout=240) for proc, f in zip(procs, files))]
 
 
 def finite(state):
@@ -102,9 +97,10 @@ runpy.run_path(sys.argv[0], run_name='__main__')
 
 
 def start(cmd, tmp_path, name):
-    """Start cmd from the repository root; its stdout and stderr go to tmp_path / f'{name}.out'."""
-    with open(tmp_path / f'{name}.out', 'w') as out:
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, **ENV))
+    """Start cmd (python and its arguments) from the repository root; its stdout and stderr go to
+    tmp_path / f'{name}.out'."""
+    assert cmd[0] == sys.executable
+    return start_python(cmd[1:], tmp_path / f'{name}.out', env=ENV)
 
 
 def output(tmp_path, name):
@@ -208,7 +204,7 @@ def test_nonfinite_loss_stops_or_is_skipped(tmp_path):
     args = sft_args(tmp_path) + ['--learning_rate=1e30', '--eval_interval=1']
     stop, skip = tmp_path / 'stop', tmp_path / 'skip'
     (stopped, _, stopped_err), (skipped, skipped_out, skipped_err) = run_all(
-        [('train_sft.py', args + [f'--out_dir={stop}']), ('train_sft.py', args + [f'--out_dir={skip}', '--skip_nonfinite=True'])])
+        [('train_sft.py', args + [f'--out_dir={stop}']), ('train_sft.py', args + [f'--out_dir={skip}', '--skip_nonfinite=True'])], tmp_path)
 
     assert stopped != 0
     message = stopped_err.strip().splitlines()[-1]
@@ -316,7 +312,7 @@ def test_rm_and_dpo_refuse_a_checkpoint_of_another_stage(tmp_path, monkeypatch, 
 def test_final_weights_are_evaluated_and_saved(tmp_path, script, make_args):
     # max_steps 8, eval_interval 4: evals at steps 0 and 4 (before those updates) and 8, after the last one
     out = tmp_path / 'out'
-    (code, stdout, stderr), = run_all([(script, make_args(tmp_path) + ['--learning_rate=1e-3', f'--out_dir={out}'])])
+    (code, stdout, stderr), = run_all([(script, make_args(tmp_path) + ['--learning_rate=1e-3', f'--out_dir={out}'])], tmp_path)
     assert code == 0, stderr[-2000:]
     evals = [row['step'] for row in read_log(out / 'log.jsonl') if any(k.startswith('val/') for k in row)]
     assert evals[:3] == [0, 4, 8]
@@ -337,7 +333,7 @@ def test_reward_model_reads_every_file_before_training(tmp_path):
     args = rm_args(tmp_path)
     bad = write_jsonl(tmp_path / 'bad_test.jsonl', [{'prompt': 'a', 'chosen': 'b'}])
     out = tmp_path / 'out'
-    (code, _, stderr), = run_all([('train_reward_model.py', args + [f'--test_file={bad}', f'--out_dir={out}'])])
+    (code, _, stderr), = run_all([('train_reward_model.py', args + [f'--test_file={bad}', f'--out_dir={out}'])], tmp_path)
     assert code != 0 and f"{bad}:1: missing key 'rejected'" in stderr
     assert not (out / 'ckpt.pt').exists() and not (out / 'best.pt').exists()  # it stopped before any training
 
@@ -348,7 +344,7 @@ def test_dpo_best_pt_keeps_the_lowest_val_loss(tmp_path):
     swapped = write_jsonl(tmp_path / 'swapped.jsonl', [dict(r, chosen=r['rejected'], rejected=r['chosen'])
                                                       for r in read_log(tmp_path / 'prefs.jsonl')])
     out = tmp_path / 'out'
-    (code, _, stderr), = run_all([('train_dpo.py', args + [f'--val_file={swapped}', '--learning_rate=1e-3', f'--out_dir={out}'])])
+    (code, _, stderr), = run_all([('train_dpo.py', args + [f'--val_file={swapped}', '--learning_rate=1e-3', f'--out_dir={out}'])], tmp_path)
     assert code == 0, stderr[-2000:]
     evals = [(row['step'], row['val/loss']) for row in read_log(out / 'log.jsonl') if 'val/loss' in row]
     assert [s for s, _ in evals] == [0, 4, 8] and evals[-1][1] > evals[0][1]  # the val loss rose

@@ -15,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from data.tinyhh import prepare, world  # noqa: E402
+from scripts import run_python  # noqa: E402
 
 TOPICS = list(world.PHRASINGS)
 LOW = -0.5  # garbage, empty and unfinished responses score at most this
@@ -416,8 +417,7 @@ def test_gold_accuracy_groups():
 
 
 def test_rm_ceiling_script(generated):
-    p = subprocess.run([sys.executable, 'data/tinyhh/rm_ceiling.py', f'--data_dir={generated[0]}'], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    p = run_python(['data/tinyhh/rm_ceiling.py', f'--data_dir={generated[0]}'], timeout=120)
     assert p.returncode == 0, p.stderr
     rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in p.stdout.splitlines()
             if line.startswith('templates')}
@@ -437,7 +437,6 @@ def test_rm_ceiling_bad_files_name_file_and_line(tmp_path):
         lines = [json.dumps(good), json.dumps(bad)]
         (tmp_path / 'prefs_train.jsonl').write_text('\n'.join(lines) + '\n')
         (tmp_path / 'prefs_test.jsonl').write_text(lines[0] + '\n')
-        p = subprocess.run([sys.executable, 'data/tinyhh/rm_ceiling.py', f'--data_dir={tmp_path}'], cwd=ROOT,
-                           capture_output=True, text=True, timeout=60)
+        p = run_python(['data/tinyhh/rm_ceiling.py', f'--data_dir={tmp_path}'], timeout=60)
         assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stderr
         assert f"error: {tmp_path / 'prefs_train.jsonl'}:2: " in p.stderr and message in p.stderr, p.stderr
