@@ -17,7 +17,10 @@ during the stage on a CPU, torch.cuda.max_memory_allocated on a GPU) and MFU: mo
 appendix B: 6 x params + attention per token for forward + backward, a forward-only pass a third
 of that, the vocabulary head counted only at the positions where it runs) over the peak FLOP/s,
 measured with a large matmul in the benchmark's dtype before and after the stages (the higher of
-the two) unless peak_flops is given.
+the two), except on a GPU in bf16 that the data-sheet table below knows (H100, H200, A100), where
+MFU is quoted, as is usual, against the dense bf16 peak of the data sheet (the matmul measured is
+printed beside it), and unless peak_flops is given. Each stage prints its rows as it finishes; the
+table with MFU comes at the end.
 
     python bench.py                             # tiny preset: fp32 on the CPU, 2 threads
     python bench.py --preset=gpt2               # GPT-2 124M shape, bf16 autocast, on a GPU
@@ -92,6 +95,8 @@ check(decode in ('dynamic', 'static', 'compiled'), f"decode must be 'dynamic', '
 
 if threads and 'cuda' not in device:
     torch.set_num_threads(threads)
+if compile:  # the four stages compile GPT.forward for 7 kinds of call in one process: more room than the default 8
+    torch._dynamo.config.recompile_limit = 64
 _, _, _, device, ctx = setup(device, dtype, seed)
 device_type = 'cuda' if 'cuda' in device else 'cpu'
 B, P, R, T = batch_size, prompt_len, response_len, prompt_len + response_len
@@ -148,6 +153,9 @@ def flops(model, n_tokens, ctx_len, head_rows, passes=3):
 
 
 PEAK_MATMUL = (8192, 20) if device_type == 'cuda' else (2048, 2)  # matrix size, matmuls per timing
+# dense bf16 tensor-core peaks (FLOP/s) from NVIDIA's data sheets, by a part of the device's name (the
+# first match wins: PCIe and NVL before the SXM part, which the name 'NVIDIA H100 80GB HBM3' does not say)
+DATASHEET_BF16 = [('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H100', 989e12), ('H200', 989e12), ('A100', 312e12)]
 
 
 def measure_peak_flops():
@@ -383,12 +391,19 @@ for stage in stages.split(','):
     rows = {'sft': bench_sft, 'rm': bench_rm, 'dpo': bench_dpo, 'ppo': bench_ppo}[stage]()
     mem = peak_memory()
     table += [(name, sec, tokens, flop, mem) for name, sec, tokens, flop in rows]
+    # as it finishes: a long run cut short still says what it measured
+    print(f"{stage} done: " + ', '.join(f"{name} {sec:.4f} s" for name, sec, _, _ in rows), flush=True)
+datasheet = next((f for part, f in DATASHEET_BF16 if part in where), 0.0) if device_type == 'cuda' and dtype == 'bfloat16' else 0.0
 if not peak_flops:  # measured before and after the stages: a busy moment lowers one, not both
     peak_after = measure_peak_flops()
-    peak_flops = max(peak_before, peak_after)
+    measured = max(peak_before, peak_after)
     n, reps = PEAK_MATMUL
-    peak_source = (f"measured: the best of 5 x {reps} {n}x{n} {dtype} matmuls, before the stages "
+    peak_source = (f"the best of 5 x {reps} {n}x{n} {dtype} matmuls, before the stages "
                    f"{peak_before / 1e9:.1f} and after {peak_after / 1e9:.1f}")
+    if datasheet:
+        peak_flops, peak_source = datasheet, f"the data sheet's dense bf16 peak; measured: {peak_source}"
+    else:
+        peak_flops, peak_source = measured, f"measured: {peak_source}"
 else:
     peak_source = 'given'
 print(f"peak for MFU: {peak_flops / 1e9:.1f} GFLOP/s ({peak_source})")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.nn import functional as F
 
 
@@ -145,8 +146,12 @@ class LinearLogprobs(torch.autograd.Function):
         # d logp / d z = onehot(target) - softmax(z) with softmax(z) = e / sums, and z = h W^T / temperature:
         # grad of h W^T = g / temperature * (onehot - e / sums), written into e in place
         g = grad_logp.float() / ctx.temperature
+        e_target = e.gather(1, targets[:, None]).squeeze(1).float()
         e.mul_((-g / sums)[:, None].to(e.dtype))
-        e.scatter_add_(1, targets[:, None], g[:, None].to(e.dtype))
+        if e.dtype == torch.float32:
+            e.scatter_add_(1, targets[:, None], g[:, None])
+        else:  # bf16: g (1 - p_target) from g - g p_target rounds to 0 (or 4x) for a confident token; in float32
+            e.scatter_(1, targets[:, None], (g * (sums - e_target) / sums)[:, None].to(e.dtype))
         grad_h = e @ weight.to(e.dtype) if ctx.needs_input_grad[0] else None
         grad_w = e.t() @ h.to(e.dtype) if ctx.needs_input_grad[1] else None
         return grad_h, grad_w, None, None, None

@@ -515,6 +515,24 @@ def test_fused_logprobs_divide_by_the_temperature_in_float32():
     torch.testing.assert_close(logp, expected, atol=1e-4, rtol=0)
 
 
+def test_fused_logprobs_bf16_gradient_of_confident_tokens():
+    # the target's gradient is g (1 - p_target); in bfloat16, g - g p_target rounds to 0 (or to several
+    # times the truth) once p_target > 0.998, and after SFT most targets are that confident
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(512, 64, generator=g)
+    targets = torch.randint(0, 512, (256,), generator=g)
+    h = 0.1 * torch.randn(256, 64, generator=g) + 0.35 * w[targets]  # the target's logit far above the rest
+    h, w = h.bfloat16(), w.bfloat16()
+    h_ref = h.double().requires_grad_()
+    ref = torch.log_softmax(h_ref @ w.double().t(), -1).gather(1, targets[:, None]).squeeze(1)
+    ref.sum().backward()
+    assert (ref.exp() > 0.998).float().mean() > 0.9  # confident, as intended
+    h_bf16 = h.clone().requires_grad_()
+    LinearLogprobs.apply(h_bf16, w, targets, 1.0, False)[0].sum().backward()
+    err = (h_bf16.grad.double() - h_ref.grad).norm(dim=1) / h_ref.grad.norm(dim=1)
+    assert err.median() < 0.1, err.median()  # bfloat16's own rounding: 5%; g - g p_target in bfloat16: 125%
+
+
 def test_from_pretrained_rejects_architecture_variants(hf_gpt2, tmp_path):
     # a GPT-2-shaped checkpoint whose config asks for math this GPT does not do would load and be wrong
     hf, dirs = hf_gpt2
