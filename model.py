@@ -274,17 +274,20 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, eos_id, temperature=1.0, top_k=None, top_p=None, generator=None,
-                 decode='dynamic'):
+                 decode='dynamic', cache_len=None):
         """
         Sample responses for a batch of prompts of different lengths (a list of token lists).
         Prompts are left-padded, prefilled at once into a preallocated KV cache, then decoded one
         token per step for the whole batch; a row stops at its first eos_id, the loop when all
         rows have stopped. temperature=0 is greedy decoding.
         decode: 'dynamic' (each step attends to the part of the cache written so far), 'static' (every
-        step has the same shapes: a cache of block_size positions, attended to whole under the mask)
-        or 'compiled' (static, and the step compiled with torch.compile(mode='reduce-overhead'),
-        which on a GPU replays it as a CUDA graph: one launch a step instead of hundreds of kernels).
-        All three give the same tokens and log-probs.
+        step has the same shapes: a cache of cache_len positions (default block_size), attended to
+        whole under the mask) or 'compiled' (static, and the step compiled with
+        torch.compile(mode='reduce-overhead'), which on a GPU replays it as a CUDA graph: one launch
+        a step instead of hundreds of kernels). A CUDA graph reads and writes fixed addresses, so the
+        compiled step's cache is kept on the model and reused by every call of the same batch size
+        and cache_len (PPO passes max_prompt_len + max_new_tokens). All three give the same tokens and
+        log-probs.
         Returns
           seq            (B, P + N)  left-padded prompts followed by the generated tokens
           seq_mask       (B, P + N)  1 on real prompt tokens and on generated tokens up to eos
@@ -300,7 +303,8 @@ class GPT(nn.Module):
         assert P + max_new_tokens <= cfg.block_size, f"prompt {P} + {max_new_tokens} new tokens > block_size {cfg.block_size}"
         assert decode in ('dynamic', 'static', 'compiled'), f"decode must be dynamic, static or compiled, got {decode!r}"
         static = decode != 'dynamic'
-        T_max = cfg.block_size if static else P + max_new_tokens  # static: the same shapes for every batch
+        T_max = (cache_len or cfg.block_size) if static else P + max_new_tokens  # static: the same shapes for every batch
+        assert P + max_new_tokens <= T_max <= cfg.block_size, f"cache_len {T_max} < prompt {P} + {max_new_tokens} new tokens"
         seq = torch.full((B, P + max_new_tokens), eos_id, dtype=torch.long, device=device)
         key_mask = torch.zeros((B, T_max), dtype=torch.bool, device=device)
         for i, p in enumerate(prompts):
@@ -310,9 +314,7 @@ class GPT(nn.Module):
         hs, dtype = cfg.n_embd // cfg.n_head, self.lm_head.weight.dtype
         if torch.is_autocast_enabled(device.type):
             dtype = torch.get_autocast_dtype(device.type)
-        new = torch.zeros if static else torch.empty  # static steps read the whole cache: no garbage (0 x NaN = NaN)
-        kv = [(new(B, cfg.n_head, T_max, hs, device=device, dtype=dtype),
-               new(B, cfg.n_head, T_max, hs, device=device, dtype=dtype)) for _ in range(cfg.n_layer)]
+        kv = self._kv_cache((B, cfg.n_head, T_max, hs), device, dtype, decode)
         step = torch.compile(self._step, mode='reduce-overhead', fullgraph=True) if decode == 'compiled' else self._step
         write_pos = torch.zeros(1, dtype=torch.long, device=device)  # static: where the step writes its k, v, as a tensor
 
@@ -355,6 +357,27 @@ class GPT(nn.Module):
             keys, where = (key_mask, write_pos.fill_(P + t)) if static else (key_mask[:, :P + t + 1], P + t)
             logits = step(token[:, None], (prompt_len + t)[:, None], keys[:, None, None, :], kv, where)
         return seq[:, :P + n], key_mask[:, :P + n].long(), logprobs[:, :n], response_mask[:, :n].long()
+
+    def _kv_cache(self, shape, device, dtype, decode):
+        """A (k, v) pair of (B, nh, T_max, hs) buffers per layer. Static steps read the whole cache, so it
+        starts zeroed (no garbage: 0 x NaN = NaN). The compiled step's cache is the model's own, kept
+        from call to call and marked as a static address: inputs that a CUDA graph writes into must be."""
+        if decode == 'dynamic':
+            return [(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+                    for _ in range(self.config.n_layer)]
+        key = (shape, device, dtype)
+        kept = getattr(self, '_compiled_kv', None)
+        if decode == 'compiled' and kept is not None and kept[0] == key:
+            for t in (t for pair in kept[1] for t in pair):
+                t.zero_()
+            return kept[1]
+        kv = [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+              for _ in range(self.config.n_layer)]
+        if decode == 'compiled':
+            for t in (t for pair in kv for t in pair):
+                torch._dynamo.mark_static_address(t)
+            self._compiled_kv = (key, kv)  # one cache at a time: a new shape replaces the old one
+        return kv
 
     def _step(self, idx, pos, mask, kv, start):
         """Run idx (B, T) at position ids pos (B, T) through the blocks, writing their keys and values

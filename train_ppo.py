@@ -284,7 +284,8 @@ for it in bar:
     batch = [prompts[i] for i in batch_ids]
     policy.eval()
     with torch.no_grad(), ctx:
-        seq, seq_mask, sample_logprobs, response_mask = policy.generate(batch, max_new_tokens, enc.eot_token, temperature, decode=decode)
+        seq, seq_mask, sample_logprobs, response_mask = policy.generate(batch, max_new_tokens, enc.eot_token, temperature,
+                                                                         decode=decode, cache_len=max_prompt_len + max_new_tokens)
     policy.train()
     P = seq.size(1) - response_mask.size(1)  # prompt positions (left-padded)
     response_mask = response_mask.float()

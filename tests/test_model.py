@@ -312,10 +312,13 @@ def test_static_decode_equals_dynamic(temperature):
     # the static-shape decode (CUDA-graph friendly: the whole block_size cache, masked) samples the same
     model = tiny_gpt()
     _, dynamic = sample(model, temperature, seed=2)
-    _, static = sample(model, temperature, seed=2, decode='static')
-    for a, b in zip(dynamic[:2] + dynamic[3:], static[:2] + static[3:]):  # seq, seq_mask, response_mask
-        assert torch.equal(a, b)
-    torch.testing.assert_close(static[2], dynamic[2], rtol=0, atol=1e-5)  # logprobs
+    for cache_len in (None, 11 + 20):  # block_size, or just the longest prompt + max_new
+        _, static = sample(model, temperature, seed=2, decode='static', cache_len=cache_len)
+        for a, b in zip(dynamic[:2] + dynamic[3:], static[:2] + static[3:]):  # seq, seq_mask, response_mask
+            assert torch.equal(a, b)
+        torch.testing.assert_close(static[2], dynamic[2], rtol=0, atol=1e-5)  # logprobs
+    with pytest.raises(AssertionError, match='cache_len 30 < prompt 11'):
+        sample(model, temperature, decode='static', cache_len=30)
     if temperature > 0:  # rows that stop at different steps (and prompts of different lengths in both cases)
         assert dynamic[3].sum(1).min() < dynamic[3].sum(1).max()
 
@@ -326,18 +329,27 @@ def test_compiled_decode_is_one_graph_and_equals_dynamic(monkeypatch):
     # 'reduce-overhead' (CUDA graphs need a GPU, and inductor's codegen takes minutes on a CPU)
     asked, real_compile = [], torch.compile
 
+    from torch._dynamo.testing import CompileCounterWithBackend
+    backend = CompileCounterWithBackend('aot_eager')  # counts the graphs compiled
+
     def compile_aot_eager(fn, mode=None, fullgraph=False):
         asked.append((mode, fullgraph))
-        return real_compile(fn, backend='aot_eager', fullgraph=fullgraph)
+        return real_compile(fn, backend=backend, fullgraph=fullgraph)
     monkeypatch.setattr(torch, 'compile', compile_aot_eager)
     torch._dynamo.reset()
     model = tiny_gpt()
-    _, dynamic = sample(model, 0.7, seed=3)
-    _, compiled = sample(model, 0.7, seed=3, decode='compiled')
-    assert asked == [('reduce-overhead', True)]
-    for a, b in zip(dynamic[:2] + dynamic[3:], compiled[:2] + compiled[3:]):
-        assert torch.equal(a, b)
-    torch.testing.assert_close(compiled[2], dynamic[2], rtol=0, atol=1e-5)
+    for seed in (3, 4):  # the second call: the same cache buffers, and no recompile
+        _, dynamic = sample(model, 0.7, seed=seed)
+        _, compiled = sample(model, 0.7, seed=seed, decode='compiled')
+        for a, b in zip(dynamic[:2] + dynamic[3:], compiled[:2] + compiled[3:]):
+            assert torch.equal(a, b)
+        torch.testing.assert_close(compiled[2], dynamic[2], rtol=0, atol=1e-5)
+        if seed == 3:
+            cache = [t.data_ptr() for pair in model._compiled_kv[1] for t in pair]
+    assert asked == [('reduce-overhead', True)] * 2 and backend.frame_count == 1
+    # a CUDA graph writes the cache in place: its buffers must be the model's own, marked static
+    assert [t.data_ptr() for pair in model._compiled_kv[1] for t in pair] == cache
+    assert all(torch._dynamo.utils.get_static_address_type(t) is not None for pair in model._compiled_kv[1] for t in pair)
     torch._dynamo.reset()
 
 
