@@ -81,6 +81,10 @@ device = default_device()       # 'cpu' | 'cuda' | 'cuda:1' ...
 threads = 2                     # torch threads on a CPU (0: torch's default)
 compile = default_compile()     # torch.compile the training passes, as the scripts' default (on for CUDA)
 grad_checkpoint = False         # recompute activations in the backward pass, as the scripts' grad_checkpoint=True
+tf32 = True                     # CUDA: TF32 matmuls for the float32 work, as the scripts' tf32
+flash_attention = True          # CUDA: allow the flash kernel in scaled_dot_product_attention, as the scripts'
+fused_adamw = True              # AdamW as one fused kernel, as the scripts' fused_adamw
+pin_memory = True               # CUDA: batches copied from pinned host memory, as the scripts' pin_memory
 decode = 'dynamic'              # PPO rollout decode steps: 'dynamic' | 'static' | 'compiled' (as train_ppo.py's decode)
 peak_flops = 0.0                # the device's peak FLOP/s for MFU (0: measure it with a large matmul)
 seed = 1337                     # seeds the synthetic data and the weights
@@ -97,7 +101,7 @@ if threads and 'cuda' not in device:
     torch.set_num_threads(threads)
 if compile:  # the four stages compile GPT.forward for 7 kinds of call in one process: more room than the default 8
     torch._dynamo.config.recompile_limit = 64
-_, _, _, device, ctx = setup(device, dtype, seed)
+_, _, _, device, ctx = setup(device, dtype, seed, tf32=tf32, flash_attention=flash_attention)
 device_type = 'cuda' if 'cuda' in device else 'cpu'
 B, P, R, T = batch_size, prompt_len, response_len, prompt_len + response_len
 EOT = vocab_size - 1  # the end-of-text id, as in get_tokenizer; every response ends with it
@@ -210,11 +214,11 @@ def optimizer_step(model, optimizer):
 
 def bench_sft():
     model = new_model()
-    optimizer, train_model = model.configure_optimizers(0.1, 2e-3, (0.9, 0.95)), for_training(model)
+    optimizer, train_model = model.configure_optimizers(0.1, 2e-3, (0.9, 0.95), fused_adamw), for_training(model)
 
     def step():
         t0 = clock()
-        seq, targets, _ = collate(examples, EOT, device)
+        seq, targets, _ = collate(examples, EOT, device, pin_memory)
         with ctx:
             logprobs, _ = train_model(seq[:, :-1], targets)
             loss = sft_fns.sft_loss(logprobs, targets, (targets >= 0).sum().float())
@@ -226,12 +230,12 @@ def bench_sft():
 
 def collate_pairs():
     """[chosen rows; rejected rows] (2B, T), as train_reward_model.py and train_dpo.py batch them."""
-    return collate([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], EOT, device)
+    return collate([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], EOT, device, pin_memory)
 
 
 def bench_rm():
     model = new_model(scalar_head=True)
-    optimizer, train_model = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95)), for_training(model)
+    optimizer, train_model = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), fused_adamw), for_training(model)
 
     def step():
         t0 = clock()
@@ -247,7 +251,7 @@ def bench_rm():
 
 def bench_dpo():
     model, ref_model = new_model(), new_model().eval().requires_grad_(False)
-    optimizer, train_model = model.configure_optimizers(0.0, 1e-4, (0.9, 0.95)), for_training(model)
+    optimizer, train_model = model.configure_optimizers(0.0, 1e-4, (0.9, 0.95), fused_adamw), for_training(model)
     with torch.no_grad(), ctx:  # the reference log-probs of precompute_ref_logps=True, computed before training
         seq, targets, _ = collate_pairs()
         ref_precomputed = dpo_fns.sequence_logps(ref_model, seq, targets).float().split(B)
@@ -277,7 +281,7 @@ def bench_ppo():
     reward_model = new_model(scalar_head=True).eval().requires_grad_(False)
     value_model = new_model(scalar_head=True)
     params = [p for m in (policy, value_model) for p in m.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, eps=1e-5, fused=True)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, eps=1e-5, fused=fused_adamw)
     train_policy, train_value = for_training(policy), for_training(value_model)
     rows = torch.arange(B, device=device)
     exact = sampling_logprobs_exact(dtype)
@@ -380,6 +384,8 @@ peak_before = 0.0 if peak_flops else measure_peak_flops()
 n_params = new_model().get_num_params()
 where = torch.cuda.get_device_name(device) if device_type == 'cuda' else f'cpu, {torch.get_num_threads()} threads'
 options = ''.join(f', {name}' for name, on in [('compiled', compile), ('grad checkpointing', grad_checkpoint)] if on)
+options += ''.join(f', {name} off' for name, on in [('TF32', tf32), ('flash attention', flash_attention),
+                                                     ('fused AdamW', fused_adamw), ('pinned memory', pin_memory)] if not on)
 print(f"bench: preset {preset}, {where}, {dtype}{options}; GPT {n_layer}L/{n_head}H/{n_embd}d, "
       f"vocab {vocab_size}, {n_params / 1e6:.2f}M params; batch {B}, prompt {P} + response {R} tokens; "
       f"{warmup} warmup + {steps} timed steps")

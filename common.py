@@ -202,11 +202,13 @@ def check_device(device):
           f"device {device!r}, but this PyTorch sees no CUDA GPU: use --device=cpu")
 
 
-def setup(device, dtype, seed, training=True):
+def setup(device, dtype, seed, training=True, tf32=True, flash_attention=True):
     """
     Returns (ddp, rank, world_size, device, autocast context). Under torchrun (RANK set) one
     process per device, joined with NCCL on CUDA and gloo on CPU; rank 0 logs and saves.
     Training takes float32 or bfloat16: float16 would need loss scaling, which no script here does.
+    On CUDA: TF32 matmuls for the work that stays in float32 (tf32=False: exact float32), and the
+    flash kernel among scaled_dot_product_attention's choices (flash_attention=False: the others).
     """
     import torch.distributed as dist
     dtypes = ('float32', 'bfloat16') if training else ('float32', 'bfloat16', 'float16')
@@ -225,8 +227,8 @@ def setup(device, dtype, seed, training=True):
         dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
     torch.manual_seed(seed + rank)
     if device.startswith('cuda'):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cuda.enable_flash_sdp(flash_attention)
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
     ctx = nullcontext() if ptdtype == torch.float32 else torch.amp.autocast(device_type=device_type, dtype=ptdtype)

@@ -146,14 +146,15 @@ def report(name, n, n_cut, limit):
         print(f"{name}: {n_cut} of {n} examples truncated to {limit} tokens (prompt end and response start kept)")
 
 
-def collate(examples, pad_id, device='cpu'):
+def collate(examples, pad_id, device='cpu', pin_memory=True):
     """
     Right-padded batch of (prompt_ids, response_ids) pairs:
       seq      (B, T)     prompt + response, padded with pad_id
       targets  (B, T-1)   seq[:, 1:] where the next token is a response token, else -1
       lengths  (B,)       real tokens per row; the last real token sits at lengths - 1
     Right padding needs no attention mask (causality hides what follows), so the model runs on
-    seq or seq[:, :-1] as it is.
+    seq or seq[:, :-1] as it is. On a GPU the batch is copied from pinned host memory, without
+    waiting (pin_memory=False: a plain copy).
     """
     T = max(len(p) + len(r) for p, r in examples)
     seq = torch.full((len(examples), T), pad_id, dtype=torch.long)
@@ -164,7 +165,8 @@ def collate(examples, pad_id, device='cpu'):
         targets[i, len(p) - 1:len(p) + len(r) - 1] = torch.tensor(r, dtype=torch.long)
         lengths[i] = len(p) + len(r)
     if device != 'cpu':
-        seq, targets, lengths = (t.pin_memory().to(device, non_blocking=True) for t in (seq, targets, lengths))
+        seq, targets, lengths = (t.pin_memory().to(device, non_blocking=True) if pin_memory else t.to(device)
+                                 for t in (seq, targets, lengths))
     return seq, targets, lengths
 
 

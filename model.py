@@ -254,15 +254,15 @@ class GPT(nn.Module):
         assert self.scalar_head is not None, "this model has no scalar head (GPTConfig.scalar_head=False)"
         return self(idx, attention_mask=attention_mask)[0]
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, fused=True):
         # weight decay on matrices only (linears, embeddings); never on biases and LayerNorm gains
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
         # fused: one kernel for the whole update, on a GPU and on a CPU (7x faster than the per-tensor
-        # loop for the tiny model, where the optimizer step was ~10% of a training step)
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
+        # loop for the tiny model, where the optimizer step was ~10% of a training step); the same math
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     def flops_per_token(self, T):
         """Model FLOPs of forward + backward per token at sequence length T (PaLM appendix B)."""

@@ -101,6 +101,10 @@ seed = 1337                                   # seeds the data order
 device = default_device()                     # 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = default_dtype()                       # 'float32' | 'bfloat16' (float16 would need loss scaling)
 compile = default_compile()                   # torch.compile the policy: on by default on CUDA, off on a CPU
+tf32 = True                                   # CUDA: TF32 matmuls for the float32 work (False: exact float32)
+flash_attention = True                        # CUDA: allow the flash kernel in scaled_dot_product_attention
+fused_adamw = True                            # AdamW as one fused kernel (False: torch's per-tensor loop; same math)
+pin_memory = True                             # CUDA: batches copied from pinned host memory, without waiting
 grad_checkpoint = False                       # recompute activations in the backward pass: less memory (gpt2-large/xl), ~1/3 slower
 # -----------------------------------------------------------------------------
 config = configure(globals())
@@ -114,7 +118,7 @@ check(eval_interval > 0 and eval_batches >= 0 and warmup_steps >= 0, "need eval_
 
 # -----------------------------------------------------------------------------
 # set-up: processes, device, precision
-ddp, rank, world_size, device, ctx = setup(device, dtype, seed)
+ddp, rank, world_size, device, ctx = setup(device, dtype, seed, tf32=tf32, flash_attention=flash_attention)
 master = rank == 0
 check(batch_size % (micro_batch_size * world_size) == 0,
       f"batch_size {batch_size} must be divisible by micro_batch_size {micro_batch_size} x {world_size} processes")
@@ -138,7 +142,7 @@ del sft
 check(model_args['block_size'] >= block_size, f"block_size {block_size} > the model's {model_args['block_size']}")
 model.to(device)
 enc = get_tokenizer(model_args['vocab_size'])
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2))
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), fused_adamw)
 if init_from == 'resume':
     optimizer.load_state_dict(ckpt['optimizer'])
     restore_rng(ckpt)
@@ -162,7 +166,7 @@ if master:
 
 def collate_pairs(pairs):
     """One batch of 2B rows, [chosen rows; rejected rows]: seq (2B, T), targets (2B, T-1), -1 off the response."""
-    seq, targets, _ = collate([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], enc.eot_token, device)
+    seq, targets, _ = collate([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], enc.eot_token, device, pin_memory)
     return seq, targets
 
 

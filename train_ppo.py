@@ -170,6 +170,9 @@ device = default_device()                     # 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = default_dtype()                       # 'float32' | 'bfloat16' (float16 would need loss scaling)
 rollout_logprobs = True                       # old log-probs from sampling where exact (float32, no TF32); else a forward pass
 compile = default_compile()                   # torch.compile the training passes: on by default on CUDA, off on a CPU
+tf32 = True                                   # CUDA: TF32 matmuls for the float32 work (False: exact float32)
+flash_attention = True                        # CUDA: allow the flash kernel in scaled_dot_product_attention
+fused_adamw = True                            # AdamW as one fused kernel (False: torch's per-tensor loop; same math)
 grad_checkpoint = False                       # recompute activations in the backward pass: less memory (gpt2-large/xl), ~1/3 slower
 decode = 'dynamic'                            # rollout decode steps: 'dynamic' | 'static' | 'compiled' (CUDA graphs on a GPU; see model.generate)
 # -----------------------------------------------------------------------------
@@ -186,7 +189,7 @@ check(batch_size % mini_batch_size == 0, f"batch_size {batch_size} must be divis
 
 # -----------------------------------------------------------------------------
 # set-up
-ddp, rank, world_size, device, ctx = setup(device, dtype, seed)
+ddp, rank, world_size, device, ctx = setup(device, dtype, seed, tf32=tf32, flash_attention=flash_attention)
 master = rank == 0
 check(mini_batch_size % (micro_batch_size * world_size) == 0,
       f"mini_batch_size {mini_batch_size} must be divisible by micro_batch_size {micro_batch_size} x {world_size} processes")
@@ -223,7 +226,7 @@ params = [p for m in (policy, value_model) for p in m.parameters()]
 # one optimizer for both models; unlike the other stages, weight decay (default 0) would reach every
 # parameter; eps=1e-5 as in OpenAI baselines' PPO
 optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.95), weight_decay=weight_decay,
-                              eps=1e-5, fused=True)
+                              eps=1e-5, fused=fused_adamw)
 if init_from == 'resume':
     optimizer.load_state_dict(ckpt['optimizer'])
     restore_rng(ckpt)

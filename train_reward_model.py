@@ -7,8 +7,8 @@ al. 2022, eq. 1). A rater who saw response y_w beat y_l for prompt x is modelled
 
 r_phi is the SFT model with a scalar head (Linear(n_embd, 1), zero-initialised so every reward
 starts at 0) read at the LAST real token of prompt + response: the <|endoftext|> that closes the
-response (unless truncation cut it off), the only position that has seen all of it. Chosen and rejected rows go through the model
-in one forward pass, stacked as [chosen rows; rejected rows].
+response (unless truncation cut it off), the only position that has seen all of it. Chosen and
+rejected rows go through the model in one forward pass, stacked as [chosen rows; rejected rows].
 
 The loss depends on reward differences only, so the reward's zero is free. One epoch is the usual
 schedule (a second one overfits the noisy labels), and its final weights are the reward model; at
@@ -90,6 +90,10 @@ seed = 1337                                   # seeds the data order
 device = default_device()                     # 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = default_dtype()                       # 'float32' | 'bfloat16' (float16 would need loss scaling)
 compile = default_compile()                   # torch.compile the model: on by default on CUDA, off on a CPU
+tf32 = True                                   # CUDA: TF32 matmuls for the float32 work (False: exact float32)
+flash_attention = True                        # CUDA: allow the flash kernel in scaled_dot_product_attention
+fused_adamw = True                            # AdamW as one fused kernel (False: torch's per-tensor loop; same math)
+pin_memory = True                             # CUDA: batches copied from pinned host memory, without waiting
 grad_checkpoint = False                       # recompute activations in the backward pass: less memory (gpt2-large/xl), ~1/3 slower
 # -----------------------------------------------------------------------------
 config = configure(globals())
@@ -101,7 +105,7 @@ check(eval_interval > 0 and eval_batches >= 0 and norm_examples > 0 and warmup_s
 
 # -----------------------------------------------------------------------------
 # set-up: processes, device, precision
-ddp, rank, world_size, device, ctx = setup(device, dtype, seed)
+ddp, rank, world_size, device, ctx = setup(device, dtype, seed, tf32=tf32, flash_attention=flash_attention)
 master = rank == 0
 check(batch_size % (micro_batch_size * world_size) == 0,
       f"batch_size {batch_size} must be divisible by micro_batch_size {micro_batch_size} x {world_size} processes")
@@ -121,7 +125,7 @@ else:
 check(model_args['block_size'] >= block_size, f"block_size {block_size} > the model's {model_args['block_size']}")
 model.to(device)
 enc = get_tokenizer(model_args['vocab_size'])
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2))
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), fused_adamw)
 if init_from == 'resume':
     optimizer.load_state_dict(ckpt['optimizer'])
     restore_rng(ckpt)
@@ -159,7 +163,7 @@ if master:
 
 def collate_pairs(pairs):
     """One batch of 2B rows, [chosen rows; rejected rows], right-padded; lengths (2B,)."""
-    seq, _, lengths = collate([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], enc.eot_token, device)
+    seq, _, lengths = collate([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], enc.eot_token, device, pin_memory)
     return seq, lengths
 
 
@@ -285,7 +289,7 @@ if master:
     total = 0.0
     with torch.no_grad():
         for i in range(0, len(demos), 2 * micro_batch_size):  # a micro-batch of pairs is 2x rows: same memory
-            seq, _, lengths = collate(demos[i:i + 2 * micro_batch_size], enc.eot_token, device)
+            seq, _, lengths = collate(demos[i:i + 2 * micro_batch_size], enc.eot_token, device, pin_memory)
             with ctx:
                 total += last_token_rewards(model, seq, lengths).double().sum().item()
     mean_reward = total / len(demos)

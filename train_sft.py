@@ -71,6 +71,10 @@ seed = 1337                                   # seeds the data order and the ini
 device = default_device()                     # 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = default_dtype()                       # 'float32' | 'bfloat16' (float16 would need loss scaling)
 compile = default_compile()                   # torch.compile the model: on by default on CUDA, off on a CPU
+tf32 = True                                   # CUDA: TF32 matmuls for the float32 work (False: exact float32)
+flash_attention = True                        # CUDA: allow the flash kernel in scaled_dot_product_attention
+fused_adamw = True                            # AdamW as one fused kernel (False: torch's per-tensor loop; same math)
+pin_memory = True                             # CUDA: batches copied from pinned host memory, without waiting
 grad_checkpoint = False                       # recompute activations in the backward pass: less memory (gpt2-large/xl), ~1/3 slower
 # -----------------------------------------------------------------------------
 config = configure(globals())
@@ -83,7 +87,7 @@ check(block_size >= 2 and 257 <= vocab_size <= 50257, "need block_size >= 2 and 
 
 # -----------------------------------------------------------------------------
 # set-up: processes, device, precision
-ddp, rank, world_size, device, ctx = setup(device, dtype, seed)
+ddp, rank, world_size, device, ctx = setup(device, dtype, seed, tf32=tf32, flash_attention=flash_attention)
 master = rank == 0
 check(batch_size % (micro_batch_size * world_size) == 0,
       f"batch_size {batch_size} must be divisible by micro_batch_size {micro_batch_size} x {world_size} processes")
@@ -112,7 +116,7 @@ else:
 check(model_args['block_size'] >= block_size, f"block_size {block_size} > the model's {model_args['block_size']}")
 model.to(device)
 enc = get_tokenizer(model_args['vocab_size'])
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2))
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), fused_adamw)
 if init_from == 'resume':
     optimizer.load_state_dict(ckpt['optimizer'])
     restore_rng(ckpt)
@@ -143,7 +147,7 @@ def evaluate():
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
     stop = len(val) if eval_batches == 0 else min(len(val), eval_batches * batch_size)
     for i in range(rank * micro_batch_size, stop, micro_batch_size * world_size):
-        seq, targets, _ = collate(val[i:min(i + micro_batch_size, stop)], enc.eot_token, device)
+        seq, targets, _ = collate(val[i:min(i + micro_batch_size, stop)], enc.eot_token, device, pin_memory)
         with ctx:
             logprobs, _ = model(seq[:, :-1], targets)
         total -= logprobs.sum()
@@ -188,7 +192,7 @@ for step in bar:
         group['lr'] = lr
     # this process's share of the global batch, split into micro-batches
     idx = batch_indices(len(train), batch_size, step, seed, rank, world_size)
-    micro = [collate([train[j] for j in idx[k:k + micro_batch_size]], enc.eot_token, device)
+    micro = [collate([train[j] for j in idx[k:k + micro_batch_size]], enc.eot_token, device, pin_memory)
              for k in range(0, len(idx), micro_batch_size)]
     n_tokens = sum((targets >= 0).sum() for _, targets, _ in micro).float()
     n_tokens = all_reduce_mean(n_tokens, ddp) * world_size  # response tokens in the global batch

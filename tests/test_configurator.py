@@ -288,3 +288,40 @@ def test_gpu_fast_path_is_the_default_on_cuda_only(where, want):
             if script == 'bench.py' and key.startswith('dtype'):
                 continue  # bench.py's dtype comes from its preset ('' here)
             assert key in lines, (where, script, key, text)
+
+
+def test_gpu_switches_turn_each_speed_up_off(monkeypatch):
+    """The fast path's pieces are config switches: TF32 and the flash kernel (setup, on a faked CUDA
+    machine), fused AdamW (the same math as the per-tensor loop) and pinned-memory copies (collate)."""
+    import torch
+    from common import setup
+    from loaders import collate
+    from model import GPT, GPTConfig
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cuda.flash_sdp_enabled()
+    try:
+        for on in (False, True):
+            setup('cuda', 'float32', 0, tf32=on, flash_attention=on)
+            assert torch.backends.cuda.matmul.allow_tf32 is on and torch.backends.cudnn.allow_tf32 is on
+            assert torch.backends.cuda.flash_sdp_enabled() is on
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before[:2]
+        torch.backends.cuda.enable_flash_sdp(before[2])
+    # fused or not, AdamW takes the same steps (weight decay on matrices in both)
+    weights = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16, dropout=0.0, bias=True))
+        optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), fused)
+        assert optimizer.defaults['fused'] is fused
+        for step in range(3):
+            idx = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(step))
+            model(idx[:, :-1], idx[:, 1:])[1].backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        weights.append(model.state_dict())
+    for k in weights[0]:  # steps of about lr = 1e-2; the two implementations round apart by ~5e-6
+        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=0, atol=2e-5)
+    # pin_memory=False: a plain copy to the device (the meta device: no GPU needed)
+    seq, targets, lengths = collate([([1, 2], [3, 4, 5]), ([6], [7])], 0, 'meta', pin_memory=False)
+    assert seq.device.type == targets.device.type == lengths.device.type == 'meta' and seq.shape == (2, 5)
