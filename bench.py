@@ -159,7 +159,8 @@ def flops(model, n_tokens, ctx_len, head_rows, passes=3):
 PEAK_MATMUL = (8192, 20) if device_type == 'cuda' else (2048, 2)  # matrix size, matmuls per timing
 # dense bf16 tensor-core peaks (FLOP/s) from NVIDIA's data sheets, by a part of the device's name (the
 # first match wins: PCIe and NVL before the SXM part, which the name 'NVIDIA H100 80GB HBM3' does not say)
-DATASHEET_BF16 = [('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H100', 989e12), ('H200', 989e12), ('A100', 312e12)]
+DATASHEET_BF16 = [('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H100', 989e12), ('H200 NVL', 835e12), ('H200', 989e12),
+                  ('A100', 312e12)]
 
 
 def measure_peak_flops():

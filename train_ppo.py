@@ -21,7 +21,7 @@ Four models: the policy (trained, from SFT), the reference (frozen SFT), the rew
 from train_reward_model.py) and the value model (trained; initialised from the reward model, the
 standard choice: it already reads text as a scalar). Dropout is off everywhere, and every
 log-prob (sampling, reference, update) uses the same temperature, so the ratio pi/pi_old is 1 on
-the first minibatch up to rounding (logged as check/ratio_dev: a few 1e-6 in float32, where pi_old
+the first micro-batch up to rounding (logged as check/ratio_dev: a few 1e-6 in float32, where pi_old
 comes from the sampling step; under bf16 pi_old comes from an eager forward pass and pi from the
 training pass, compiled on CUDA, so the two may round apart). Not here: InstructGPT's pretraining
 term (PPO-ptx), reward whitening, entropy bonus, multiple samples per prompt, a separate critic
@@ -71,7 +71,7 @@ def per_token_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef):
 
 def gae(rewards, values, response_mask, gamma, lam):
     """Generalised advantage estimation over response tokens (B, N); V after the last token is 0."""
-    values = values * response_mask
+    rewards, values = rewards * response_mask, values * response_mask  # padding after a response adds nothing
     advantages = torch.zeros_like(rewards)
     last_adv = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.size(1))):

@@ -1,4 +1,5 @@
 """Helpers for tests of the train_*.py scripts."""
+import ast
 import atexit
 import io
 import json
@@ -9,8 +10,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import types
 from pathlib import Path
 from types import SimpleNamespace
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,14 +29,28 @@ def script_functions(name):
     return SimpleNamespace(**ns)
 
 
+def function_defs(name, *functions, **names):
+    """Named top-level functions of a train_*.py script, from below its config banner too (the
+    update's helpers), without running the script; names: the globals they read (e.g. temperature)."""
+    path = ROOT / name
+    tree = ast.parse(path.read_text())
+    body = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name in functions]
+    ns = {'torch': torch, **names}
+    exec(compile(ast.Module(body=body, type_ignores=[]), str(path), 'exec'), ns)
+    return [ns[f] for f in functions]
+
+
 # -----------------------------------------------------------------------------
 # Running a script: every run is a process of its own, as when a user types `python train_sft.py
 # ...` (its own globals, random state, exit code; it can be killed), started from the repository
 # root. Most of a tiny run's time would go to `import torch` (2 s), so the process is forked from a
-# server that has imported torch and nothing else (multiprocessing's forkserver with torch
-# preloaded); the child then sets up what a fresh interpreter would have (argv, sys.path, cwd,
-# environment, stdout/stderr, thread count) and runs the script. RLHF_TESTS_SUBPROCESS=1 starts a
-# fresh interpreter for every run instead: slower, and the check that the shortcut changes nothing.
+# server that has imported torch, tiktoken and tqdm (multiprocessing's forkserver, preloaded); the
+# child then sets up what a fresh interpreter would have (argv, sys.path, __main__, cwd, environment,
+# stdout/stderr, thread count, a random seed, the exit code of an uncaught exception, the clean-up
+# at exit) and runs the script. Environment variables that only take effect when an interpreter or
+# torch starts can't be set that way: a run given any other than OMP_NUM_THREADS gets a fresh
+# interpreter, and RLHF_TESTS_SUBPROCESS=1 gives every run one (slower; the check that the shortcut
+# changes nothing: the suite passes both ways).
 FRESH_INTERPRETER = os.environ.get('RLHF_TESTS_SUBPROCESS') == '1'
 _forkserver = multiprocessing.get_context('forkserver')
 _forkserver.set_forkserver_preload(['torch', 'tiktoken', 'tqdm'])
@@ -41,6 +59,8 @@ _BASE_PATH = None  # sys.path of a fresh interpreter, less its first entry (the 
 
 def _run_forked(argv, cwd, env, out, err, base_path):
     """In the forked child: become `python *argv` run in cwd with env, and run it."""
+    import threading
+    multiprocessing.set_start_method(None, force=True)  # the script's multiprocessing: the platform default
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
@@ -48,29 +68,46 @@ def _run_forked(argv, cwd, env, out, err, base_path):
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         os.dup2(f, fd)
         os.close(f)
-    sys.stdout = io.TextIOWrapper(io.FileIO(1, 'w', closefd=False), encoding='utf-8', write_through=True)
-    sys.stderr = io.TextIOWrapper(io.FileIO(2, 'w', closefd=False), encoding='utf-8', errors='backslashreplace',
-                                  write_through=True)
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, 'w', closefd=False), encoding=sys.__stdout__.encoding,
+                                  errors=sys.__stdout__.errors, write_through=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, 'w', closefd=False), encoding=sys.__stderr__.encoding,
+                                  errors='backslashreplace', write_through=True)
     import torch  # already imported by the server: its thread pool is not started yet
+    torch.seed()  # a fresh interpreter's torch starts from a random seed, not from the server's
     if 'OMP_NUM_THREADS' in env:
         torch.set_num_threads(int(env['OMP_NUM_THREADS']))
+    main = types.ModuleType('__main__')  # python SCRIPT and -c run the code in a module named __main__
+    main.__builtins__ = __builtins__
     code = 0
     try:
-        if argv[0] == '-c':  # python -c CODE args...
-            sys.argv, sys.path[:] = ['-c', *argv[2:]], ['', *base_path]
-            exec(compile(argv[1], '<string>', 'exec'), {'__name__': '__main__'})
-        elif argv[0] == '-m':  # python -m MODULE args...
+        if argv[0] == '-m':  # python -m MODULE args...
             sys.argv, sys.path[:] = [argv[1], *argv[2:]], [cwd, *base_path]
             runpy.run_module(argv[1], run_name='__main__', alter_sys=True)
-        else:  # python SCRIPT args...
-            sys.argv, sys.path[:] = list(argv), [os.path.dirname(os.path.abspath(argv[0])), *base_path]
-            runpy.run_path(argv[0], run_name='__main__')
+        else:  # python -c CODE args..., python SCRIPT args...
+            if argv[0] == '-c':
+                sys.argv, sys.path[:] = ['-c', *argv[2:]], ['', *base_path]
+                source, main.__file__ = argv[1], '<string>'
+            else:
+                main.__file__ = os.path.abspath(argv[0])
+                sys.argv, sys.path[:] = list(argv), [os.path.dirname(main.__file__), *base_path]
+                source = Path(main.__file__).read_bytes()
+            sys.modules['__main__'] = main
+            exec(compile(source, main.__file__, 'exec'), main.__dict__)
     except SystemExit as e:
         code = e.code
-    except BaseException:
+        if code is not None and not isinstance(code, int):  # sys.exit('message'): printed, exit status 1
+            print(code, file=sys.stderr)
+            code = 1
+    except BaseException as e:
         sys.excepthook(*sys.exc_info())  # what the interpreter does with an uncaught exception
-        code = 1
+        code = 'SIGINT' if isinstance(e, KeyboardInterrupt) else 1
+    # the interpreter's exit: join the threads, run atexit, let the script's objects go (files flush)
+    threading._shutdown()
     atexit._run_exitfuncs()
+    main.__dict__.clear()
+    if code == 'SIGINT':  # an uncaught KeyboardInterrupt ends a process by SIGINT (exit status -2)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
     sys.exit(code)
 
 
@@ -103,17 +140,24 @@ class _Forked:
 
 def start_python(argv, out, err=None, env=None):
     """Start `python *argv` from the repository root, stdout to the file out and stderr to err (or
-    out too); env adds to os.environ. Returns a Popen-like object (poll, wait, send_signal, kill)."""
+    out too); env adds to os.environ. Returns a Popen-like object (poll, wait, send_signal, kill):
+    a forked child, or a fresh interpreter where the child could not be one (see above; a script
+    that does not exist: the interpreter's own error)."""
     global _BASE_PATH
     argv, full_env = [str(a) for a in argv], dict(os.environ, PYTHONUNBUFFERED='1', **(env or {}))
-    if FRESH_INTERPRETER:
-        with open(out, 'ab') as o, open(err or out, 'ab') as e:
+    with open(out, 'ab') as o, open(err or out, 'ab') as e:  # the files exist whatever happens next
+        forkable = set(env or {}) <= {'OMP_NUM_THREADS'} and full_env.get('OMP_NUM_THREADS', '1').isdigit()
+        if FRESH_INTERPRETER or not forkable or not (argv[0] in ('-c', '-m') or os.path.isfile(ROOT / argv[0])):
             return subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=o, stderr=e, env=full_env)
     if _BASE_PATH is None:
         _BASE_PATH = json.loads(subprocess.check_output([sys.executable, '-c', 'import sys, json; print(json.dumps(sys.path[1:]))'],
                                                         env=full_env, cwd=ROOT))
     process = _forkserver.Process(target=_run_forked, args=(argv, str(ROOT), full_env, str(out), str(err or out), _BASE_PATH))
-    process.start()
+    caller_main, sys.modules['__main__'] = sys.modules['__main__'], types.ModuleType('__main__')
+    try:  # with a bare __main__ here, the child does not first import the caller's (pytest's) main module
+        process.start()
+    finally:
+        sys.modules['__main__'] = caller_main
     return _Forked(process, argv)
 
 

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import common
-from common import get_lr, load_checkpoint, model_from_checkpoint, restore_rng, save_checkpoint, unwrap
+from common import (NonFiniteError, check_finite, get_lr, load_checkpoint, model_from_checkpoint, restore_rng,
+                    save_checkpoint, unwrap)
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -267,3 +268,12 @@ def test_lr_schedule():
     decay = [f(s) for s in range(warmup, max_steps + 1)]
     assert all(a > b for a, b in zip(decay, decay[1:]))
     assert get_lr(50, 3e-4, 0, 100, min_lr_ratio=0.0) == pytest.approx(1.5e-4)
+
+
+def test_check_finite_looks_at_the_loss_and_the_gradient_norm(tmp_path):
+    path = str(tmp_path / 'ckpt.pt')
+    assert check_finite(1.0, torch.tensor(2.0), 3, path, skip=False)  # finite: take the step
+    assert not check_finite(1.0, torch.tensor(float('inf')), 3, path, skip=True)  # a finite loss, a bad gradient
+    assert not check_finite(float('nan'), torch.tensor(1.0), 3, path, skip=True)
+    with pytest.raises(NonFiniteError, match='step 3'):
+        check_finite(1.0, torch.tensor(float('nan')), 3, path, skip=False)

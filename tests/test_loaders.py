@@ -365,3 +365,9 @@ def test_spread_takes_every_kind_in_order():
         counts = [sum(k == kind for _, k in picked) for kind in ('helpful', 'harmful', 'unknowable')]
         assert max(counts) - min(counts) <= 1, (n, counts)
     assert spread(kinds, 0) == kinds and spread(kinds, 1000) == kinds and spread([], 5) == []
+
+
+def test_batch_indices_seeds_and_epochs_do_not_collide():
+    # each (seed, epoch) has its own permutation: seed 1337's second epoch is not seed 1338's first
+    n, batch_size, seed = 24, 4, 1337
+    assert batch_indices(n, batch_size, n // batch_size, seed) != batch_indices(n, batch_size, 0, seed + 1)

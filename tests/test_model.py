@@ -317,7 +317,7 @@ def test_static_decode_equals_dynamic(temperature):
         for a, b in zip(dynamic[:2] + dynamic[3:], static[:2] + static[3:]):  # seq, seq_mask, response_mask
             assert torch.equal(a, b)
         torch.testing.assert_close(static[2], dynamic[2], rtol=0, atol=1e-5)  # logprobs
-    with pytest.raises(AssertionError, match='cache_len 30 < prompt 11'):
+    with pytest.raises(AssertionError, match=r'cache_len 30 must be in \[prompt 11 \+ 20 new tokens'):
         sample(model, temperature, decode='static', cache_len=30)
     if temperature > 0:  # rows that stop at different steps (and prompts of different lengths in both cases)
         assert dynamic[3].sum(1).min() < dynamic[3].sum(1).max()
@@ -654,3 +654,63 @@ def test_compiled_model_matches_eager():
     torch.testing.assert_close(compiled(idx, attention_mask=mask)[0], ref(idx, attention_mask=mask)[0], atol=1e-5, rtol=0)
     assert_same_grads(model, ref, atol=1e-5)
     torch._dynamo.reset()
+
+
+def test_fused_logprobs_over_several_chunks():
+    # the forward runs 1024 rows at a time: 2 x 1024 + 300 rows cross two chunk boundaries
+    g = torch.Generator().manual_seed(0)
+    N = 2 * 1024 + 300
+    h = torch.randn(N, 32, generator=g, requires_grad=True)
+    w = torch.randn(V, 32, generator=g, requires_grad=True)
+    targets = torch.randint(0, V, (N,), generator=g)
+    logp, entropy = LinearLogprobs.apply(h, w, targets, 0.7, True)
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    log_softmax = torch.log_softmax(h2 @ w2.t() / 0.7, -1)
+    ref = log_softmax.gather(1, targets[:, None]).squeeze(1)
+    torch.testing.assert_close(logp, ref, atol=1e-4, rtol=0)
+    torch.testing.assert_close(entropy, (-(log_softmax.exp() * log_softmax).sum(-1)).detach(), atol=1e-4, rtol=0)
+    weights = torch.randn(N, generator=g)
+    (logp * weights).sum().backward()
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(h.grad, h2.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(w.grad, w2.grad, atol=1e-3, rtol=1e-4)
+
+
+def test_filter_logits_top_p_reached_exactly():
+    # four tokens of 0.25: top_p 0.5 is reached by two of them, 0.75 by three
+    assert torch.isfinite(filter_logits(torch.zeros(1, 4), top_p=0.5)).sum() == 2
+    assert torch.isfinite(filter_logits(torch.zeros(1, 4), top_p=0.75)).sum() == 3
+
+
+def test_sampling_is_invariant_to_a_constant_added_to_the_logits(monkeypatch):
+    # softmax does not see a constant shift; exp(+-100 / 0.7) of the raw logits would overflow or vanish
+    model = tiny_gpt()
+    prompts = random_prompts([2, 7, 4, 11] * 8)
+    step = model._step
+
+    def run(shift):
+        monkeypatch.setattr(model, '_step', lambda *a: step(*a) + shift)
+        return model.generate(prompts, 10, eos_id=7, temperature=0.7, generator=torch.Generator().manual_seed(0))
+    base = run(0.0)
+    for shift in (-100.0, 100.0):
+        other = run(shift)
+        assert torch.equal(other[0], base[0]) and torch.equal(other[3], base[3]), shift
+        torch.testing.assert_close(other[2], base[2], atol=1e-3, rtol=0)
+
+
+def test_attention_mask_never_leaves_a_query_without_keys(monkeypatch):
+    # a mask row with no key is a softmax over nothing: NaN on some kernels (0 on this CPU build), so it
+    # is checked on the masks themselves: padded forward passes and the KV-cache prefill
+    real, seen = model_module.F.scaled_dot_product_attention, []
+
+    def checked(q, k, v, attn_mask=None, **kw):
+        if attn_mask is not None:
+            seen.append(bool(attn_mask.any(-1).all()))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+    monkeypatch.setattr(model_module.F, 'scaled_dot_product_attention', checked)
+    model = tiny_gpt()
+    idx = torch.randint(0, V, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(idx, attention_mask=torch.tensor([[0] * 4 + [1] * 6, [1] * 7 + [0] * 3]))
+        model.generate(random_prompts([2, 7, 4]), 5, eos_id=7, temperature=0)
+    assert seen and all(seen)

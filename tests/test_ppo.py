@@ -7,7 +7,8 @@ import torch
 
 from common import save_checkpoint
 from model import GPT, GPTConfig
-from scripts import read_log, run_script, script_functions
+from scripts import function_defs, read_log, run_script, script_functions
+from test_model import tiny_gpt
 
 ppo = script_functions('train_ppo.py')
 
@@ -37,7 +38,7 @@ def test_gae_padding_is_ignored():
     rewards = torch.tensor([[0.0, 0.0, 1.0, 5.0, 5.0]])
     values = torch.tensor([[0.5, 0.6, 0.7, 9.0, 9.0]])
     mask = torch.tensor([[1.0, 1, 1, 0, 0]])
-    adv, ret = ppo.gae(rewards * mask, values, mask, 1.0, 0.95)
+    adv, ret = ppo.gae(rewards, values, mask, 1.0, 0.95)
     assert torch.allclose(adv[:, :3], torch.tensor([[0.46575, 0.385, 0.3]]), atol=1e-6)
     assert torch.all(adv[:, 3:] == 0) and torch.all(ret[:, 3:] == 0)
 
@@ -219,3 +220,45 @@ def test_ppo_missing_checkpoint_says_which_stage(tmp_path):
 def test_ppo_bad_config(tmp_path, bad, message):
     p = run_script('train_ppo.py', *make_tiny_world(tmp_path), bad, f'--out_dir={tmp_path / "ppo"}', check=False)
     assert p.returncode != 0 and message in p.stderr
+
+
+def test_adaptive_kl_clips_the_error_below_too():
+    # the proportional error (kl - target) / target is clipped to [-0.2, 0.2]: KL 0 and KL 1 against a
+    # target of 6 both shrink the coefficient by the clipped 0.2 x n_steps / horizon
+    for kl in (0.0, 1.0):
+        assert math.isclose(ppo.adaptive_kl(0.1, kl, 6.0, 10000, 64), 0.1 * (1 - 0.2 * 64 / 10000))
+
+
+def test_policy_loss_ignores_garbage_at_masked_tokens():
+    logp = torch.tensor([[-1.0, -2.0, 0.0]])
+    old = torch.tensor([[-1.0, -2.0, -1000.0]])  # a padding position with a wild old log-prob
+    adv = torch.tensor([[0.5, -1.0, -100.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, clipfrac, approxkl, ratio = ppo.ppo_policy_loss(logp, old, adv, mask, 0.2)
+    assert loss.item() == pytest.approx(0.25) and clipfrac == 0 and approxkl == 0  # -(0.5 - 1) / 2
+    assert torch.equal(ratio, torch.ones(1, 3))  # the ratio is 1 off the response
+
+
+def test_values_and_logprobs_of_read_the_state_before_each_response_token():
+    # the update's helpers (below the script's config banner) on a rollout laid out as generate()
+    # returns it: left-padded prompts, then responses padded after their end
+    response_targets, logprobs_of, values_of = function_defs('train_ppo.py', 'response_targets', 'logprobs_of',
+                                                             'values_of', temperature=0.7)
+    policy, value = tiny_gpt(), tiny_gpt(seed=1, scalar_head=True)
+    prompts, responses, P, N = [[5, 6, 7], [1, 2, 3, 4, 9]], [[8, 9], [10, 11, 12]], 5, 3
+    seq = torch.full((2, P + N), 100)
+    seq_mask, response_mask = torch.zeros(2, P + N, dtype=torch.long), torch.zeros(2, N)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        seq[i, P - len(p):P], seq[i, P:P + len(r)] = torch.tensor(p), torch.tensor(r)
+        seq_mask[i, P - len(p):P + len(r)] = 1
+        response_mask[i, :len(r)] = 1
+    with torch.no_grad():
+        logprobs = logprobs_of(policy, seq, seq_mask, response_targets(seq, P, response_mask), P)
+        values = values_of(value, seq, seq_mask, P)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            for t in range(len(r)):
+                state = torch.tensor([p + r[:t]])  # the prompt and the response before token t, unpadded
+                want = torch.log_softmax(policy(state)[0][0, -1] / 0.7, -1)[r[t]]
+                assert abs(logprobs[i, t] - want) < 1e-5, (i, t)
+                assert abs(values[i, t] - value.scores(state)[0, -1]) < 1e-5, (i, t)
+    assert (logprobs[response_mask == 0] == 0).all()  # nothing off the response

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import get_tokenizer, save_checkpoint
-from loaders import collate, read_jsonl, tokenize_sft
+from common import get_tokenizer, model_from_checkpoint, save_checkpoint
+from loaders import collate, read_jsonl, tokenize_prefs, tokenize_sft
 from model import GPT, GPTConfig
 from scripts import read_log, run_script, script_functions
 
@@ -61,8 +61,10 @@ def test_reward_is_read_at_the_last_real_token_padding_changes_nothing():
         longer = rm.last_token_rewards(model, *collate(examples + [([1] * 30, [2] * 20)], pad_id=511)[::2])[:4]
         seq, _, lengths = collate(examples, pad_id=511)
         at_last_column = model.scores(seq)[:, -1]
+        unpadded = torch.stack([model.scores(torch.tensor([p + r]))[0, -1] for p, r in examples])
     for r in (batched, other_pad, longer):
         assert torch.allclose(r, alone, atol=1e-5), (r, alone)
+    assert torch.allclose(alone, unpadded, atol=1e-5)  # the scalar head at the last real token itself
     assert not torch.allclose(at_last_column, alone, atol=1e-3)  # reading at a pad would be wrong
 
 # -----------------------------------------------------------------------------
@@ -154,6 +156,13 @@ HH_RECORDS = [
      'response': 'A cow says moo.'},
     {'prompt': 'What am I thinking about? ' * 30, 'response': "I don't know, there is no way for me to know that. " * 10},
 ]
+
+
+def test_sft_loss_hand_computation():
+    sft = script_functions('train_sft.py')
+    logprobs = torch.tensor([[0.0, -1.0, -2.0], [-0.5, 0.0, 0.0]])
+    targets = torch.tensor([[-1, 0, 5], [3, -1, -1]])  # token id 0 ('!') is a target like any other
+    assert sft.sft_loss(logprobs, targets, torch.tensor(3.0)).item() == pytest.approx(3.5 / 3)  # (1 + 2 + 0.5) / 3
 
 
 def test_sft_mask_on_real_batches(tmp_path):
@@ -259,13 +268,20 @@ def test_reward_model_overfits_64_pairs(world):
     ckpt = torch.load(world / 'rm' / 'best.pt', weights_only=True)
     assert ckpt['stage'] == 'rm' and ckpt['model_args']['scalar_head'] and ckpt['reward_offset'] != 0
     assert ckpt['step'] == 40  # the final weights (select_best=False)
-    model = GPT(GPTConfig(**ckpt['model_args'])).eval()
-    model.load_state_dict(ckpt['model'])
     enc = get_tokenizer(512)
     demos = tokenize_sft(read_jsonl(str(world / 'sft.jsonl'), 'sft'), enc, 64)
     seq, _, lengths = collate(demos, enc.eot_token)
-    with torch.no_grad():
-        assert abs(rm.last_token_rewards(model, seq, lengths).mean().item()) < 1e-4
+    rewards = {}
+    for name in ('best.pt', 'ckpt.pt'):  # ckpt.pt: the same final weights, not centred
+        c = torch.load(world / 'rm' / name, weights_only=True)
+        model = GPT(GPTConfig(**c['model_args'])).eval()
+        model.load_state_dict(c['model'])
+        with torch.no_grad():
+            rewards[name] = rm.last_token_rewards(model, seq, lengths)
+    assert abs(rewards['best.pt'].mean().item()) < 1e-4
+    torch.testing.assert_close(rewards['best.pt'] + ckpt['reward_offset'], rewards['ckpt.pt'], atol=1e-4, rtol=0)  # raw
+    # at step 0 the zero head gives every response reward 0: every pair is a tie, and a tie is a miss
+    assert log[0]['step'] == 0 and log[0]['val/accuracy'] == 0.0 and train[0]['train/accuracy'] == 0.0
 
 
 def swapped_pairs(path, out):
@@ -302,7 +318,18 @@ def dpo_online(world):
     return read_log(world / 'dpo' / 'log.jsonl')
 
 
-def test_dpo_overfits_64_pairs(dpo_online):
+def test_dpo_overfits_64_pairs(world, dpo_online):
+    # step 0 (pi == pi_ref): every implicit reward is 0, so every pair is a tie, and a tie is a miss;
+    # the logged sequence log-probs are those of the SFT model, chosen and rejected each in its place
+    first = dpo_online[0]
+    assert first['step'] == 0 and first['val/rewards/accuracies'] == 0.0
+    enc = get_tokenizer(512)
+    pairs = tokenize_prefs(read_jsonl(str(world / 'prefs.jsonl'), 'prefs'), enc, 64)
+    sft_model, _ = model_from_checkpoint(torch.load(world / 'sft.pt', weights_only=True))
+    with torch.no_grad():
+        for key, side in (('val/logps/chosen', 1), ('val/logps/rejected', 2)):
+            seq, targets, _ = collate([(pair[0], pair[side]) for pair in pairs], enc.eot_token)
+            assert first[key] == pytest.approx(dpo.sequence_logps(sft_model.eval(), seq, targets).mean().item(), rel=1e-5), key
     train = [row for row in dpo_online if 'train/loss' in row]
     first, last = train[0], train[-1]
     assert first['train/loss'] == pytest.approx(LN2, abs=1e-6) and first['train/rewards/margins'] == 0  # pi == pi_ref
