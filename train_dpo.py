@@ -317,4 +317,5 @@ if master:
     log.close()
 if ddp:
     torch.distributed.barrier()  # every rank done before any tears down (gloo aborts otherwise, now and then)
+    del train_model  # DDP holds the process group: let go of it first, so the group's threads end here, in order
     torch.distributed.destroy_process_group()
