@@ -265,6 +265,11 @@ def logprobs_of(model, seq, seq_mask, targets, P, with_entropy=False):
     return out[:, P - 1:]
 
 
+def scores_of(reward_model, seq, seq_mask, P, lengths):
+    """The reward model's score of each rollout (B,): the scalar head at its last real token."""
+    return reward_model(seq, attention_mask=seq_mask)[0][torch.arange(len(seq)), P + lengths - 1]
+
+
 def values_of(model, seq, seq_mask, P):
     """V(s_t) for each response token t: the scalar head at the token before it (B, N)."""
     return model(seq[:, :-1], attention_mask=seq_mask[:, :-1])[0][:, P - 1:]
@@ -298,7 +303,7 @@ for it in bar:
     # 2. score: reward model at the last real token, reference log-probs, values (no gradients)
     targets = response_targets(seq, P, response_mask)
     with torch.no_grad(), ctx:
-        rm_scores = reward_model(seq, attention_mask=seq_mask)[0][torch.arange(len(batch)), P + lengths - 1]
+        rm_scores = scores_of(reward_model, seq, seq_mask, P, lengths)
         ref_logprobs = logprobs_of(ref_model, seq, seq_mask, targets, P)
         old_values = values_of(value_model, seq, seq_mask, P) * response_mask
         old_logprobs = sample_logprobs if rollout_logprobs else logprobs_of(policy, seq, seq_mask, targets, P)

@@ -239,11 +239,11 @@ def test_policy_loss_ignores_garbage_at_masked_tokens():
     assert torch.equal(ratio, torch.ones(1, 3))  # the ratio is 1 off the response
 
 
-def test_values_and_logprobs_of_read_the_state_before_each_response_token():
+def test_logprobs_values_and_scores_read_the_right_positions():
     # the update's helpers (below the script's config banner) on a rollout laid out as generate()
     # returns it: left-padded prompts, then responses padded after their end
-    response_targets, logprobs_of, values_of = function_defs('train_ppo.py', 'response_targets', 'logprobs_of',
-                                                             'values_of', temperature=0.7)
+    response_targets, logprobs_of, values_of, scores_of = function_defs(
+        'train_ppo.py', 'response_targets', 'logprobs_of', 'values_of', 'scores_of', temperature=0.7)
     policy, value = tiny_gpt(), tiny_gpt(seed=1, scalar_head=True)
     prompts, responses, P, N = [[5, 6, 7], [1, 2, 3, 4, 9]], [[8, 9], [10, 11, 12]], 5, 3
     seq = torch.full((2, P + N), 100)
@@ -255,7 +255,10 @@ def test_values_and_logprobs_of_read_the_state_before_each_response_token():
     with torch.no_grad():
         logprobs = logprobs_of(policy, seq, seq_mask, response_targets(seq, P, response_mask), P)
         values = values_of(value, seq, seq_mask, P)
+        scores = scores_of(value, seq, seq_mask, P, response_mask.sum(1).long())
         for i, (p, r) in enumerate(zip(prompts, responses)):
+            # the score: the scalar head after the whole response (row 0 ends before the last column)
+            assert abs(scores[i] - value.scores(torch.tensor([p + r]))[0, -1]) < 1e-5, i
             for t in range(len(r)):
                 state = torch.tensor([p + r[:t]])  # the prompt and the response before token t, unpadded
                 want = torch.log_softmax(policy(state)[0][0, -1] / 0.7, -1)[r[t]]
