@@ -466,6 +466,10 @@ HF_REPOS = {'gpt2': 'openai-community/gpt2', 'gpt2-medium': 'openai-community/gp
             'gpt2-large': 'openai-community/gpt2-large', 'gpt2-xl': 'openai-community/gpt2-xl'}
 
 
+class DownloadError(RuntimeError):
+    """GPT-2's files could not be downloaded (offline, say); the message says where to put them."""
+
+
 def download_gpt2(name, cache_dir=None):
     if name not in HF_REPOS:
         raise ValueError(f"unknown model {name!r}: expected one of {sorted(HF_REPOS)} or a local directory")
@@ -485,7 +489,7 @@ def download_gpt2(name, cache_dir=None):
         except OSError as e:
             if os.path.exists(part):
                 os.remove(part)
-            raise RuntimeError(
+            raise DownloadError(
                 f"could not download {url} ({e}). If this machine is offline, download config.json and "
                 f"model.safetensors from https://huggingface.co/{HF_REPOS[name]} on a machine that is online, "
                 f"put them in a directory and pass that directory instead of {name!r} "

@@ -24,9 +24,9 @@ from tqdm import tqdm
 from common import (all_reduce_mean, check_finite, default_compile, default_device, default_dtype, get_lr,
                     get_tokenizer, model_from_checkpoint, require_checkpoint, restore_rng, save_checkpoint, setup,
                     wrap_for_training)
-from configurator import check, configure
+from configurator import UserError, check, configure
 from loaders import batch_indices, collate, read_jsonl, tokenize_sft
-from model import GPT, GPTConfig, HF_REPOS, download_gpt2
+from model import GPT, GPTConfig, HF_REPOS, DownloadError, download_gpt2
 
 # -----------------------------------------------------------------------------
 # the loss: a pure function (checked against a hand computation in tests/)
@@ -107,11 +107,14 @@ elif init_from == 'scratch':
                       vocab_size=vocab_size, dropout=dropout, bias=True)
     model = GPT(GPTConfig(**model_args))
 else:
-    if ddp and not os.path.isdir(init_from):  # GPT-2 by name: local rank 0 downloads it once, the other ranks wait
-        if int(os.environ['LOCAL_RANK']) == 0:
-            download_gpt2(init_from)
-        torch.distributed.barrier()
-    model = GPT.from_pretrained(init_from, dropout=dropout)
+    try:
+        if ddp and not os.path.isdir(init_from):  # GPT-2 by name: local rank 0 downloads it once, the other ranks wait
+            if int(os.environ['LOCAL_RANK']) == 0:
+                download_gpt2(init_from)
+            torch.distributed.barrier()
+        model = GPT.from_pretrained(init_from, dropout=dropout)
+    except DownloadError as e:  # offline: one line saying where to put the files, not a traceback
+        raise UserError(str(e)) from None
     model_args = {k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size', 'dropout', 'bias')}
 check(model_args['block_size'] >= block_size, f"block_size {block_size} > the model's {model_args['block_size']}")
 model.to(device)
