@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (all_reduce_mean, check_finite, default_compile, default_device, default_dtype, get_lr,
+from common import (all_reduce_mean, check_finite, default_compile, default_device, default_dtype, end_ddp, get_lr,
                     get_tokenizer, model_from_checkpoint, require_checkpoint, restore_rng, save_checkpoint, setup,
                     wrap_for_training)
 from configurator import check, configure
@@ -316,6 +316,4 @@ if master:
           f"{dt:.0f} s ({tokens_seen * world_size / max(dt, 1e-9):.0f} tokens/s); best weights in {best_path}")
     log.close()
 if ddp:
-    torch.distributed.barrier()  # every rank done before any tears down (gloo aborts otherwise, now and then)
-    del train_model  # DDP holds the process group: let go of it first, so the group's threads end here, in order
-    torch.distributed.destroy_process_group()
+    end_ddp()  # all ranks done, then out of the process group and the process

@@ -40,9 +40,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import (all_reduce_mean, check_finite, default_compile, decode_response, default_device, default_dtype,
-                    get_tokenizer, model_from_checkpoint, require_checkpoint, require_reward_model, restore_rng,
-                    sampling_logprobs_exact, save_checkpoint, setup, wrap_for_training)
+from common import (all_reduce_mean, check_finite, decode_response, default_compile, default_device, default_dtype,
+                    end_ddp, get_tokenizer, model_from_checkpoint, require_checkpoint, require_reward_model,
+                    restore_rng, sampling_logprobs_exact, save_checkpoint, setup, wrap_for_training)
 from configurator import check, configure
 from loaders import batch_indices, read_jsonl, tokenize_prompts
 
@@ -388,6 +388,4 @@ if master:
           f"gold {row['gold']:.3f}, ended {row['ended']:.2f}; policy in {out_dir}/ckpt.pt")
     log.close()
 if ddp:
-    torch.distributed.barrier()  # every rank done before any tears down (gloo aborts otherwise, now and then)
-    del train_policy, train_value  # DDP holds the process group: let go of it first, so the group's threads end here, in order
-    torch.distributed.destroy_process_group()
+    end_ddp()  # all ranks done, then out of the process group and the process

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (all_reduce_mean, check_finite, default_compile, default_device, default_dtype, get_lr,
+from common import (all_reduce_mean, check_finite, default_compile, default_device, default_dtype, end_ddp, get_lr,
                     get_tokenizer, load_checkpoint, model_from_checkpoint, require_checkpoint, restore_rng,
                     save_checkpoint, setup, wrap_for_training)
 from configurator import check, configure
@@ -307,6 +307,4 @@ if master:
           f"rewards centred on {len(demos)} demonstrations (reward_offset {reward_offset:+.4f}) in {best_path}")
     log.close()
 if ddp:
-    torch.distributed.barrier()  # every rank done before any tears down (gloo aborts otherwise, now and then)
-    del train_model  # DDP holds the process group: let go of it first, so the group's threads end here, in order
-    torch.distributed.destroy_process_group()
+    end_ddp()  # all ranks done, then out of the process group and the process
