@@ -249,8 +249,11 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path):
      'error: data/hh_rlhf/no_such.jsonl: cannot read the file: No such file or directory; make it with python data/hh_rlhf/prepare.py\n'),
     ('eval.py', ['--prompt_file=no/such.jsonl'], 'error: no/such.jsonl: cannot read the file: No such file or directory\n'),
     # offline (a proxy on a closed port refuses every connection), GPT-2 not in the cache
-    ('train_sft.py', ['--init_from=gpt2', '--max_steps=1'], 'error: could not download https://huggingface.co/')])
+    ('train_sft.py', ['--init_from=gpt2', '--train_file={tmp}/sft.jsonl', '--val_file={tmp}/sft.jsonl'],
+     'error: could not download https://huggingface.co/')])
 def test_real_scripts_stop_with_one_line(script, args, message, tmp_path):
+    (tmp_path / 'sft.jsonl').write_text('{"prompt": "Hi", "response": "Hello."}\n')
+    args = [a.format(tmp=tmp_path) for a in args]
     env = dict(os.environ, GPT2_CACHE=str(tmp_path), https_proxy='http://127.0.0.1:9', HTTPS_PROXY='http://127.0.0.1:9')
     p = subprocess.run([sys.executable, script, *args, '--device=cpu' if 'device' not in args[0] else args[0]],
                        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
