@@ -238,8 +238,8 @@ def setup(device, dtype, seed, training=True, tf32=True, flash_attention=True):
 
 def end_ddp():
     """The end of a run under torchrun: every rank waits for the others, leaves the process group,
-    and exits at once. Left to the interpreter's own exit, gloo aborts a rank now and then (about 1
-    run in 20 here: 'terminate called without an active exception', SIGABRT, in C++ clean-up after
+    and exits at once. Left to the interpreter's own exit, gloo aborts a rank now and then (2 runs
+    in 60 here: 'terminate called without an active exception', SIGABRT, in C++ clean-up after
     Python has finished), and torchrun then reports a failed run. Everything is written and closed
     by this point, so the process skips that clean-up (os._exit)."""
     torch.distributed.barrier()
