@@ -146,7 +146,7 @@ class LinearLogprobs(torch.autograd.Function):
         # d logp / d z = onehot(target) - softmax(z) with softmax(z) = e / sums, and z = h W^T / temperature:
         # grad of h W^T = g / temperature * (onehot - e / sums), written into e in place
         g = grad_logp.float() / ctx.temperature
-        e_target = e.gather(1, targets[:, None]).squeeze(1).float()
+        e_target = e.gather(1, targets[:, None]).squeeze(1).float() if e.dtype != torch.float32 else None
         e.mul_((-g / sums)[:, None].to(e.dtype))
         if e.dtype == torch.float32:
             e.scatter_add_(1, targets[:, None], g[:, None])
