@@ -364,17 +364,14 @@ class GPT(nn.Module):
         starts zeroed (no garbage: 0 x NaN = NaN). The compiled step's cache is the model's own, kept
         from call to call and marked as a static address: inputs that a CUDA graph writes into must be.
         It stays allocated while the model lives (GPT-2 small, 64 rows of 384 positions in bf16: 0.9 GB)."""
-        if decode == 'dynamic':
-            return [(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
-                    for _ in range(self.config.n_layer)]
         key = (shape, device, dtype, torch.is_inference_mode_enabled())  # an inference tensor can't be zeroed outside
         kept = getattr(self, '_compiled_kv', None)
         if decode == 'compiled' and kept is not None and kept[0] == key:
             for t in (t for pair in kept[1] for t in pair):
                 t.zero_()
             return kept[1]
-        kv = [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
-              for _ in range(self.config.n_layer)]
+        new = torch.empty if decode == 'dynamic' else torch.zeros
+        kv = [(new(shape, device=device, dtype=dtype), new(shape, device=device, dtype=dtype)) for _ in range(self.config.n_layer)]
         if decode == 'compiled':
             for t in (t for pair in kv for t in pair):
                 torch._dynamo.mark_static_address(t)

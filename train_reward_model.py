@@ -13,11 +13,11 @@ rejected rows go through the model in one forward pass, stacked as [chosen rows;
 The loss depends on reward differences only, so the reward's zero is free. One epoch is the usual
 schedule (a second one overfits the noisy labels), and its final weights are the reward model; at
 the end they are centred: the mean reward over the first norm_examples of sft_train_file's
-demonstrations is subtracted from the scalar head's bias, so r = 0 is "as good as a demonstration" and PPO starts
-near reward 0. best.pt also stores that mean as reward_offset: the raw reward (before centring) is
-r + reward_offset. Its value is not used downstream, but its presence marks a finished, centred
-reward model: PPO and eval.py refuse a best.pt without it. ckpt.pt (the latest state, to resume)
-is never centred.
+demonstrations is subtracted from the scalar head's bias, so r = 0 is "as good as a demonstration"
+and PPO starts near reward 0. best.pt also stores that mean as reward_offset: the raw reward
+(before centring) is r + reward_offset. Its value is not used downstream, but its presence marks a
+finished, centred reward model: PPO and eval.py refuse a best.pt without it. ckpt.pt (the latest
+state, to resume) is never centred.
 
     python train_reward_model.py                         # built-in world, from out/sft/best.pt, CPU
     python train_reward_model.py --learning_rate=1e-4    # any default below can be overridden
