@@ -106,15 +106,19 @@ elif init_from == 'scratch':
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                       vocab_size=vocab_size, dropout=dropout, bias=True)
     model = GPT(GPTConfig(**model_args))
-else:
-    try:
-        if ddp and not os.path.isdir(init_from):  # GPT-2 by name: local rank 0 downloads it once, the other ranks wait
-            if int(os.environ['LOCAL_RANK']) == 0:
-                download_gpt2(init_from)
-            torch.distributed.barrier()
-        model = GPT.from_pretrained(init_from, dropout=dropout)
-    except DownloadError as e:  # offline: one line saying where to put the files, not a traceback
-        raise UserError(str(e)) from None
+else:  # GPT-2: one download per machine (local rank 0), then every process loads it
+    error = None
+    if int(os.environ.get('LOCAL_RANK', 0)) == 0 and not os.path.isdir(init_from):
+        try:
+            download_gpt2(init_from)
+        except DownloadError as e:  # offline: one line saying where to put the files, not a traceback
+            error = str(e)
+    if ddp:  # every process learns whether the downloads worked: none is left waiting for one that stopped
+        failed = torch.tensor(float(error is not None), device=device)
+        torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+        check(failed.item() == 0 or error, f"{init_from}: the download failed in another process (its error says why)")
+    check(error is None, error)
+    model = GPT.from_pretrained(init_from, dropout=dropout)
     model_args = {k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size', 'dropout', 'bias')}
 check(model_args['block_size'] >= block_size, f"block_size {block_size} > the model's {model_args['block_size']}")
 model.to(device)

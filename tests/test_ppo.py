@@ -172,14 +172,18 @@ def test_ppo_bfloat16_recomputes_the_old_logprobs(tmp_path):
     assert all(row['check/ratio_dev'] < 1e-3 for row in log), [row['check/ratio_dev'] for row in log]
 
 
-def test_ppo_micro_batches_do_not_change_the_update(tmp_path):
+def make_eos_likely(tmp_path):
     # responses of different lengths: a likely <|endoftext|> (the tied row, pushed by ln_f's bias)
-    args = make_tiny_world(tmp_path)
     ckpt = torch.load(tmp_path / 'sft.pt', weights_only=True)
     u = torch.nn.functional.normalize(torch.randn(32, generator=torch.Generator().manual_seed(0)), dim=0)
     ckpt['model']['transformer.wte.weight'][511] = ckpt['model']['lm_head.weight'][511] = u
     ckpt['model']['transformer.ln_f.bias'] = 3 * u
     torch.save(ckpt, tmp_path / 'sft.pt')
+
+
+def test_ppo_micro_batches_do_not_change_the_update(tmp_path):
+    args = make_tiny_world(tmp_path)
+    make_eos_likely(tmp_path)
     states = {}
     for micro in (4, 1):  # one pass per minibatch of 4 rows, or four
         out = tmp_path / f'micro{micro}'
@@ -191,6 +195,20 @@ def test_ppo_micro_batches_do_not_change_the_update(tmp_path):
     for key in ('model', 'value_model'):
         for k, v in states[4][key].items():
             torch.testing.assert_close(states[1][key][k], v, rtol=1e-4, atol=1e-6, msg=f"{key}.{k}")
+
+
+def test_ppo_first_policy_loss_is_the_mean_of_whitened_advantages(tmp_path):
+    # one epoch of one minibatch in one pass: the logged policy loss is -mean(ratio * A) over the response
+    # tokens, with ratio 1, and the advantages are whitened over those same tokens, so it is 0. Whitening over
+    # the padding too (or none) would leave the response tokens' mean away from 0.
+    args = make_tiny_world(tmp_path)
+    make_eos_likely(tmp_path)
+    run_script('train_ppo.py', *args, '--max_iters=1', '--ppo_epochs=1', '--mini_batch_size=8',
+               '--micro_batch_size=8', f'--out_dir={tmp_path / "ppo"}')
+    row = read_log(tmp_path / 'ppo' / 'log.jsonl')[0]
+    assert 1 < row['response_length'] < 15  # padding in the rollout, so the mask matters
+    assert abs(row['pg_loss']) < 1e-5, row['pg_loss']
+    assert row['pg_clipfrac'] == 0
 
 
 def test_ppo_batch_of_one(tmp_path):
