@@ -75,6 +75,17 @@ def test_batch_indices_deterministic_and_a_permutation_per_epoch():
     assert all(len(batch_indices(n, bs, s, seed)) == bs for s in range(10))
 
 
+def test_batch_indices_draws_one_permutation_per_epoch():
+    # HH-RLHF's 160k pairs take 8 ms a draw: once per epoch, not once per step; the same order as drawing it afresh
+    loaders.epoch_order.cache_clear()
+    n, bs, seed = 1000, 10, 3
+    steps = [batch_indices(n, bs, s, seed) for s in range(250)]  # 2.5 epochs
+    assert loaders.epoch_order.cache_info().misses == 3
+    for s in (0, 99, 100, 249):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + s // 100)).tolist()
+        assert steps[s] == perm[s % 100 * bs:(s % 100 + 1) * bs]
+
+
 def test_batch_indices_drops_the_remainder_without_repeats():
     n, bs = 10, 4  # 2 batches per epoch, 2 examples unused each epoch
     order = batch_indices(n, bs, 0, 0) + batch_indices(n, bs, 1, 0)
