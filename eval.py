@@ -133,8 +133,8 @@ if baseline not in ckpts.split(','):  # judge the baseline's own answers, same s
     texts, ended, _, _ = sample(base_model, enc)
     base_gold = [analyze(q, t, e)['score'] for q, t, e in zip(questions, texts, ended)]
 for name, (gold, texts) in answers.items():
-    diff = torch.tensor(gold) - torch.tensor(base_gold)
-    wins, losses = (diff > tie_margin).sum().item(), (diff < -tie_margin).sum().item()
+    diff = torch.tensor(gold, dtype=torch.float64) - torch.tensor(base_gold, dtype=torch.float64)
+    wins, losses = (diff >= tie_margin).sum().item(), (diff <= -tie_margin).sum().item()  # a tie: |diff| < tie_margin
     results[name]['ties'] = 1 - (wins + losses) / len(gold)
     if wins + losses:  # all ties (the baseline against itself): no win rate, the table prints '-'
         results[name]['win'] = wins / (wins + losses)

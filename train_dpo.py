@@ -114,6 +114,7 @@ check(beta > 0 and 0 <= label_smoothing < 0.5, "need beta > 0 and 0 <= label_smo
 check(label_smoothing == 0 or loss_type == 'sigmoid', "label_smoothing applies to loss_type='sigmoid' only")
 check(batch_size > 0 and micro_batch_size > 0 and max_steps >= 0, "need batch_size, micro_batch_size > 0 and max_steps >= 0")
 check(learning_rate > 0 and grad_clip >= 0, "need learning_rate > 0 and grad_clip >= 0")
+check(block_size >= 2, f"block_size must be >= 2 (a prompt token and a response token), got {block_size}")
 check(eval_interval > 0 and eval_batches >= 0 and warmup_steps >= 0, "need eval_interval > 0, eval_batches >= 0, warmup_steps >= 0")
 
 # -----------------------------------------------------------------------------

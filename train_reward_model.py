@@ -100,6 +100,7 @@ config = configure(globals())
 check(init_from in ('sft', 'resume'), f"init_from must be 'sft' or 'resume', got {init_from!r}")
 check(batch_size > 0 and micro_batch_size > 0 and max_steps >= 0, "need batch_size, micro_batch_size > 0 and max_steps >= 0")
 check(learning_rate > 0 and grad_clip >= 0 and 0 <= dropout < 1, "need learning_rate > 0, grad_clip >= 0, 0 <= dropout < 1")
+check(block_size >= 2, f"block_size must be >= 2 (a prompt token and a response token), got {block_size}")
 check(eval_interval > 0 and eval_batches >= 0 and norm_examples > 0 and warmup_steps >= 0,
       "need eval_interval > 0, eval_batches >= 0, norm_examples > 0, warmup_steps >= 0")
 

@@ -277,3 +277,93 @@ def test_check_finite_looks_at_the_loss_and_the_gradient_norm(tmp_path):
     assert not check_finite(float('nan'), torch.tensor(1.0), 3, path, skip=True)
     with pytest.raises(NonFiniteError, match='step 3'):
         check_finite(1.0, torch.tensor(float('nan')), 3, path, skip=False)
+
+
+def test_failed_save_leaves_no_temporary_file(tmp_path, monkeypatch):
+    # a full disk mid-write: the half-written temporary file goes, the previous checkpoint stays
+    model, optimizer = trained_tiny()
+    path = str(tmp_path / 'ckpt.pt')
+    save_checkpoint(path, model, optimizer, asdict(TINY), {}, 'sft', 1)
+    before = sha256(path)
+
+    def disk_full(obj, f):
+        Path(f).write_bytes(b'half a checkpoint')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(common.torch, 'save', disk_full)
+    with pytest.raises(OSError, match='No space left'):
+        save_checkpoint(path, model, optimizer, asdict(TINY), {}, 'sft', 2)
+    monkeypatch.undo()
+    assert leftovers(path) == [] and sha256(path) == before
+
+
+def test_restore_rng_restores_the_cuda_generator_too(monkeypatch):
+    restored = []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'set_rng_state', restored.append)
+    cuda_rng = torch.arange(16, dtype=torch.uint8)
+    restore_rng({'rng': torch.get_rng_state(), 'cuda_rng': cuda_rng})
+    assert len(restored) == 1 and torch.equal(restored[0], cuda_rng)
+    restore_rng({'rng': torch.get_rng_state(), 'cuda_rng': None})  # saved on a machine without CUDA
+    assert len(restored) == 1
+
+
+def test_a_file_that_is_no_checkpoint_of_ours_is_refused(tmp_path):
+    path = str(tmp_path / 'weights.pt')
+    torch.save(GPT(TINY).state_dict(), path)  # a bare state dict: no stage
+    with pytest.raises(ValueError, match=r"stage None, expected 'sft'"):
+        load_checkpoint(path, stage='sft')
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling calls open(marker, 'w'): code from the file runs
+        return open, (self.marker, 'w')
+
+
+def test_loading_runs_no_code_from_the_file(tmp_path):
+    path, marker = str(tmp_path / 'ckpt.pt'), tmp_path / 'code_ran'
+    torch.save({'stage': 'sft', 'model': {}, 'payload': RunsCode(str(marker))}, path)
+    with pytest.raises(Exception, match='Weights only load failed'):
+        load_checkpoint(path, stage='sft')
+    assert not marker.exists()
+
+
+def test_reward_model_resume_state_points_to_best(tmp_path, capsys):
+    from common import require_reward_model
+    model = GPT(GPTConfig(**{**asdict(TINY), 'scalar_head': True}))
+    path = tmp_path / 'rm' / 'ckpt.pt'  # a finished run's resumable state: never centred, best.pt is
+    save_checkpoint(str(path), model, None, {**asdict(TINY), 'scalar_head': True}, {}, 'rm', 5)
+    with pytest.raises(SystemExit) as e:
+        require_reward_model(str(path))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "state to resume from, not centred" in err and f"use {tmp_path / 'rm' / 'best.pt'}" in err
+
+
+def test_lr_schedule_when_warmup_is_the_whole_run():
+    # the training loops call get_lr up to step == max_steps: with warmup_steps == max_steps no cosine part is left
+    assert [get_lr(s, 1.0, 10, 10) for s in (9, 10)] == pytest.approx([1.0, 1.0])
+    assert get_lr(0, 1.0, 0, 0) == pytest.approx(1.0)
+
+
+def test_model_from_checkpoint_takes_the_dropout_asked_for(tmp_path):
+    path = str(tmp_path / 'ckpt.pt')
+    save_checkpoint(path, GPT(TINY), None, {**asdict(TINY), 'dropout': 0.1}, {}, 'sft', 1)  # trained with dropout
+    ckpt = load_checkpoint(path)
+    model, args = model_from_checkpoint(ckpt)  # PPO, eval: none
+    assert args['dropout'] == 0.0 and model.config.dropout == 0.0
+    model, args = model_from_checkpoint(ckpt, dropout=0.2)
+    assert args['dropout'] == 0.2 and model.config.dropout == 0.2
+
+
+def test_sampling_logprobs_exact_only_in_plain_float32():
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert common.sampling_logprobs_exact('float32') and not common.sampling_logprobs_exact('bfloat16')
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls round the decode steps and the forward pass apart
+        assert not common.sampling_logprobs_exact('float32')
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

@@ -90,6 +90,17 @@ def test_returned_dict_has_all_keys_and_only_keys():
                       'compile': True, 'init_from': 'scratch', 'wandb_run_name': None}
 
 
+def test_value_may_hold_an_equals_sign():
+    config = configure(defaults(), ['--out_dir=out/lr=0.1,wd=0'])
+    assert config['out_dir'] == 'out/lr=0.1,wd=0'
+
+
+def test_overrides_are_printed_on_rank_0_under_torchrun(capsys, monkeypatch):
+    monkeypatch.setenv('RANK', '0')
+    configure(defaults(), ['--batch_size=32'])
+    assert capsys.readouterr().out == "overriding batch_size = 32\n"
+
+
 # -----------------------------------------------------------------------------
 # errors
 
@@ -127,6 +138,17 @@ def test_wrong_type_names_both_types(arg, message):
 def test_wrong_type_in_config_file(tmp_path):
     path = write(tmp_path / 'bad.py', "batch_size = '8'\n")  # file values are real: no raw string
     with pytest.raises(ConfigError, match=r"expected int, got str \('8'\)"):
+        configure(defaults(), [path])
+
+
+def test_none_key_takes_only_config_types():
+    with pytest.raises(ConfigError, match=r"'wandb_run_name' from command line: expected int, float, bool, str or None, got list"):
+        configure(defaults(), ['--wandb_run_name=[1, 2]'])
+
+
+def test_str_key_from_a_config_file_must_be_a_str(tmp_path):
+    path = write(tmp_path / 'bad.py', 'out_dir = 123\n')  # no raw string in a file: an int stays an int
+    with pytest.raises(ConfigError, match=r"'out_dir' from .*bad.py: expected str, got int \(123\)"):
         configure(defaults(), [path])
 
 
@@ -332,3 +354,14 @@ def test_gpu_switches_turn_each_speed_up_off(monkeypatch):
     # pin_memory=False: a plain copy to the device (the meta device: no GPU needed)
     seq, targets, lengths = collate([([1, 2], [3, 4, 5]), ([6], [7])], 0, 'meta', pin_memory=False)
     assert seq.device.type == targets.device.type == lengths.device.type == 'meta' and seq.shape == (2, 5)
+
+
+def test_setup_refuses_float16_training_and_unknown_devices(capsys):
+    from common import check_device, setup
+    with pytest.raises(SystemExit) as e:
+        setup('cpu', 'float16', 0)
+    assert e.value.code == 2 and 'float16 training needs loss scaling' in capsys.readouterr().err
+    for device in ('cudax', 'cuda:0x', 'cpu0'):
+        with pytest.raises(SystemExit):
+            check_device(device)
+        assert f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got '{device}'" in capsys.readouterr().err

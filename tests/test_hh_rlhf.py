@@ -276,3 +276,73 @@ def test_script_fails_with_a_message_not_a_traceback(tmp_path):
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and 'Traceback' not in done.stderr
     assert f"{raw / 'helpful-base' / 'test'}.jsonl.gz not found" in done.stderr
+
+
+def test_exactly_show_skipped_lines_are_listed_without_an_ellipsis(tmp_path, capsys):
+    run(tmp_path, raw=raw_dir(tmp_path, train=LINES + [LINES[3]]))  # identical pairs on lines 4, 9 and 10
+    gz = tmp_path / 'raw' / 'helpful-base' / 'train.jsonl.gz'
+    assert f'3 skipped, chosen and rejected are identical: {gz}:4, {gz}:9, {gz}:10\n' in capsys.readouterr().out
+
+
+def test_subsets_may_end_with_a_comma(tmp_path):
+    out = run(tmp_path, '--subsets=helpful-base,')
+    assert len(loaders.read_jsonl(str(out / 'prefs_train.jsonl'), 'prefs')) == 5
+
+
+def test_broken_connection_gives_a_clear_message(tmp_path, monkeypatch):
+    import http.client
+
+    def cut_off(url, timeout=None):  # the server hangs up mid-body: not an OSError
+        raise http.client.IncompleteRead(b'\x1f\x8b', 1000)
+    monkeypatch.setattr(urllib.request, 'urlopen', cut_off)
+    with pytest.raises(SystemExit) as e:
+        prepare.main([f'--out_dir={tmp_path}', '--subsets=helpful-base'])
+    assert str(e.value.code).startswith(f"cannot download {prepare.URL.format(subset='helpful-base', split='train')}: ")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_has_a_timeout(tmp_path, monkeypatch):
+    gz, timeouts = gzip.compress(('\n'.join(LINES) + '\n').encode()), []
+
+    def fake(url, timeout=None):
+        timeouts.append(timeout)
+        return io.BytesIO(gz)
+    monkeypatch.setattr(urllib.request, 'urlopen', fake)
+    prepare.main([f'--out_dir={tmp_path}', '--subsets=helpful-base'])
+    assert len(timeouts) == 2 and all(t is not None and 0 < t <= 600 for t in timeouts)  # a stalled server never hangs a run
+
+
+class DiskFull:
+    """open() in prepare.py's namespace whose files take half of what is written, then fail."""
+
+    def __init__(self, real=open):
+        self.real = real
+
+    def __call__(self, path, mode='r', **kw):
+        f = self.real(path, mode, **kw)
+        if 'w' not in mode:
+            return f
+        write = f.write
+        def half(data):
+            write(data[:len(data) // 2])
+            raise OSError(28, 'No space left on device')
+        f.write = half
+        return f
+
+
+def test_download_cut_by_a_full_disk_is_not_cached(tmp_path, monkeypatch):
+    gz = gzip.compress(('\n'.join(LINES) + '\n').encode())
+    monkeypatch.setattr(urllib.request, 'urlopen', lambda url, timeout=None: io.BytesIO(gz))
+    monkeypatch.setattr(prepare, 'open', DiskFull(), raising=False)
+    with pytest.raises(OSError, match='No space left'):
+        prepare.main([f'--out_dir={tmp_path / "out"}', '--subsets=helpful-base'])
+    assert prepare.find(str(tmp_path / 'out' / 'raw'), 'helpful-base', 'train') is None  # a rerun downloads it again
+
+
+def test_output_cut_by_a_full_disk_leaves_the_previous_files(tmp_path, monkeypatch):
+    out = run(tmp_path)
+    before = (out / 'prefs_train.jsonl').read_bytes()
+    monkeypatch.setattr(prepare, 'open', DiskFull(), raising=False)
+    with pytest.raises(OSError, match='No space left'):
+        prepare.main([f'--raw_dir={tmp_path / "raw"}', f'--out_dir={out}', '--subsets=helpful-base'])
+    assert (out / 'prefs_train.jsonl').read_bytes() == before

@@ -382,3 +382,44 @@ def test_batch_indices_seeds_and_epochs_do_not_collide():
     # each (seed, epoch) has its own permutation: seed 1337's second epoch is not seed 1338's first
     n, batch_size, seed = 24, 4, 1337
     assert batch_indices(n, batch_size, n // batch_size, seed) != batch_indices(n, batch_size, 0, seed + 1)
+
+
+def test_spread_keeps_every_kind_when_n_does_not_divide_the_list():
+    kinds = ['helpful'] * 200 + ['harmful'] * 200 + ['unknowable'] * 200
+    for n, want in ((400, [134, 133, 133]), (450, [150, 150, 150])):  # a step of 600 // n = 1 would take the first n
+        picked = spread(kinds, n)
+        assert [picked.count(k) for k in ('helpful', 'harmful', 'unknowable')] == want, n
+
+
+def test_collate_pads_with_pad_id():
+    seq, targets, lengths = collate([([1, 2], [3, 4, 5]), ([6], [7])], pad_id=99)
+    assert seq.tolist() == [[1, 2, 3, 4, 5], [6, 7, 99, 99, 99]]
+    assert targets.tolist() == [[-1, 3, 4, 5], [7, -1, -1, -1]] and lengths.tolist() == [5, 2]
+
+
+def test_tokenize_prompts_counts_only_prompts_that_lose_tokens(enc, capsys):
+    n = len(encode_prompt(enc, 'word ' * 10))
+    out = loaders.tokenize_prompts([{'prompt': 'word ' * 10}, {'prompt': 'word ' * 11}], enc, max_prompt_len=n)
+    assert out[0] == encode_prompt(enc, 'word ' * 10) and len(out[1]) == n
+    assert f'prompts: 1 of 2 examples truncated to {n} tokens' in capsys.readouterr().out  # the one at n is whole
+
+
+def test_read_jsonl_suggests_prepare_only_for_a_missing_file(tmp_path):
+    (tmp_path / 'prepare.py').write_text('')
+    with pytest.raises(DataError, match=f'; make it with python {tmp_path / "prepare.py"}$'):
+        read_jsonl(str(tmp_path / 'missing.jsonl'), 'sft')
+    (tmp_path / 'there.jsonl').mkdir()  # exists, cannot be read: running prepare.py would not help
+    with pytest.raises(DataError, match='cannot read the file') as e:
+        read_jsonl(str(tmp_path / 'there.jsonl'), 'sft')
+    assert 'prepare' not in str(e.value)
+
+
+def test_tokenize_prefs_pairs_that_differ_at_the_last_kept_token_are_not_reported(enc, capsys):
+    same_start = 'They are kind and they are good and they are '
+    rec = {'prompt': 'Hi', 'chosen': same_start + 'kind.', 'rejected': same_start + 'evil.'}
+    c, r = encode_response(enc, rec['chosen']), encode_response(enc, rec['rejected'])
+    first = next(i for i, (a, b) in enumerate(zip(c, r)) if a != b)
+    block = len(encode_prompt(enc, rec['prompt'])) + first + 1  # the responses keep their first difference, no more
+    ((p, c, r),) = loaders.tokenize_prefs([rec], enc, block_size=block)
+    assert p == encode_prompt(enc, 'Hi') and len(c) == len(r) == first + 1 and c[:-1] == r[:-1] and c[-1] != r[-1]
+    assert 'identical' not in capsys.readouterr().out

@@ -289,6 +289,7 @@ def test_bad_config_fails_at_startup(tmp_path, monkeypatch, capsys):
     prefs = prefs_args(tmp_path)  # the same tiny SFT model in sft.pt
     for script in ('train_reward_model.py', 'train_dpo.py'):
         cases.append((f'{script}: batch not divisible', script, prefs + ['--micro_batch_size=3', out], 'divisible'))
+        cases.append((f'{script}: block_size 1', script, prefs + ['--block_size=1', out], 'block_size must be >= 2'))
     failures = startup_failures(cases, monkeypatch, capsys)
     assert not failures, '\n\n'.join(failures)
     assert not (tmp_path / 'out').exists()  # nothing written

@@ -90,6 +90,105 @@ def test_eval_refuses_checkpoints_of_the_wrong_stage(tmp_path):
         assert p.returncode == 2 and message in p.stderr and 'Traceback' not in p.stderr, p.stderr[-1000:]
 
 
+# eval.py's arithmetic against numbers worked out here: the gold judge's scores are set by hand (the
+# judge itself is tested in test_tinyhh.py), the KL and the reward are recomputed from the models
+EVAL_HAND_SCORED = """
+import runpy
+import data.tinyhh.world as world
+real, scores = world.analyze, {scores!r}  # prompt -> (score of an answer cut off, score of one that ended)
+world.analyze = lambda q, t, e=True: dict(real(q, t, e), score=scores[q][bool(e)])
+runpy.run_path('eval.py', run_name='__main__')
+"""
+QUESTIONS = [json.loads(line)['prompt'] for line in (ROOT / 'tests' / 'fixtures' / 'eval_prompts_3.jsonl').open()] + \
+    ['What is 2 plus 3?']
+
+
+def prompt_file(tmp_path):
+    path = tmp_path / 'prompts.jsonl'
+    path.write_text(''.join(json.dumps({'prompt': q}) + '\n' for q in QUESTIONS))
+    return path
+
+
+def eot_lm(path, stage, sign):
+    """sign +1: answers <|endoftext|> at once, also sampling at temperature 0.7 (a logit of 135, the others
+    below 72); sign -1: never (a logit of -135)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**ARGS))
+    with torch.no_grad():  # the final layer norm outputs a constant: the eot token's embedding, scaled
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(model.lm_head.weight[ARGS['vocab_size'] - 1] * 10_000 * sign)
+    save_checkpoint(path, model, None, ARGS, {}, stage, 0)
+    return path
+
+
+def test_eval_win_rate_ties_kl_and_reward_by_hand(tmp_path):
+    from common import encode_prompt, get_tokenizer
+    from scripts import run_python
+    sft, dpo = eot_lm(tmp_path / 'sft.pt', 'sft', -1), eot_lm(tmp_path / 'dpo.pt', 'dpo', +1)
+    rm = GPT(GPTConfig(**ARGS, scalar_head=True))
+    torch.nn.init.normal_(rm.scalar_head.weight, std=0.5)
+    save_checkpoint(tmp_path / 'rm.pt', rm, None, dict(ARGS, scalar_head=True), {}, 'rm', 0, reward_offset=0.0)
+    # gold differences dpo - sft: +0.5 (a win), -0.5 (a loss), +0.125 (inside tie_margin: a tie), +0.25 (exactly
+    # tie_margin: a win, since a tie is a difference below it, as the reward model's clear pairs count it)
+    scores = dict(zip(QUESTIONS, [(0.25, 0.75), (0.875, 0.375), (0.5, 0.625), (0.5, 0.75)]))
+    p = run_python(['-c', EVAL_HAND_SCORED.format(scores=scores), f'--prompt_file={prompt_file(tmp_path)}',
+                    '--crowd_file=', '--max_new_tokens=4', '--device=cpu', f'--ckpts={sft},{dpo}', f'--baseline={sft}',
+                    f'--rm_ckpt={tmp_path / "rm.pt"}', '--tie_margin=0.25', f'--out_json={tmp_path / "eval.json"}'],
+                   timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = json.loads((tmp_path / 'eval.json').read_text())['results']
+    assert (results['sft']['length'], results['sft']['ended']) == (4.0, 0.0)  # cut off at max_new_tokens
+    row = results['dpo']
+    assert (row['length'], row['ended']) == (1.0, 1.0)  # one token each: <|endoftext|>
+    assert row['gold'] == (0.75 + 0.375 + 0.625 + 0.75) / 4
+    assert row['win'] == pytest.approx(2 / 3)  # 2 wins, 1 loss, 1 tie
+    assert row['ties'] == 1 / 4
+    assert row['win_strict'] == 3 / 4  # every nonzero difference counts: 3 of 4
+    # kl: the mean over prompts of log pi(eot | x) - log pi_sft(eot | x), both at temperature 0.7;
+    # rm: the reward at the answer's own last token (the eot), whatever the batch's padding
+    enc, eot = get_tokenizer(ARGS['vocab_size']), ARGS['vocab_size'] - 1
+    models = {}
+    for name, path in (('sft', sft), ('dpo', dpo)):
+        models[name] = GPT(GPTConfig(**ARGS)).eval()
+        models[name].load_state_dict(torch.load(path, weights_only=True)['model'])
+    kl, reward = [], []
+    rm.eval()
+    with torch.no_grad():
+        for q in QUESTIONS:
+            x = torch.tensor([encode_prompt(enc, q)])
+            lp = {name: torch.log_softmax(m(x)[0][0, -1].double() / 0.7, -1)[eot] for name, m in models.items()}
+            kl.append((lp['dpo'] - lp['sft']).item())
+            reward.append(rm(torch.cat([x, torch.tensor([[eot]])], 1))[0][0, -1].item())
+    assert len(set(len(encode_prompt(enc, q)) for q in QUESTIONS)) > 1  # the batch is padded
+    assert row['kl'] == pytest.approx(sum(kl) / len(kl), rel=1e-4) and row['kl'] > 1
+    assert row['rm'] == pytest.approx(sum(reward) / len(reward), rel=1e-4, abs=1e-5)
+
+
+def test_eval_spreads_prompts_names_rows_and_judges_the_crowd(tmp_path):
+    from data.tinyhh.world import analyze, rates
+    sft = tiny_lm(tmp_path / 'sft.pt')
+    (tmp_path / 'again').mkdir()
+    again = tiny_lm(tmp_path / 'again' / 'sft.pt')  # a second checkpoint of the same stage, the same weights
+    crowd = [json.loads(line) for line in (ROOT / 'tests' / 'fixtures' / 'eval_prompts_3.jsonl').open()]
+    crowd = [{'prompt': r['prompt'], 'response': r['reference']} for r in crowd]
+    (tmp_path / 'crowd.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in crowd))
+    run_script('eval.py', f'--prompt_file={prompt_file(tmp_path)}', f'--crowd_file={tmp_path / "crowd.jsonl"}',
+               '--max_new_tokens=4', '--device=cpu', f'--ckpts={sft},{again}', f'--baseline={sft}', '--rm_ckpt=',
+               '--n_prompts=2', f'--out_json={tmp_path / "eval.json"}', timeout=120)
+    out = json.loads((tmp_path / 'eval.json').read_text())
+    assert out['prompts'] == [QUESTIONS[0], QUESTIONS[2]]  # 2 of 4, spread over the file
+    assert list(out['results']) == ['crowd', 'sft', f'sft:{again}']  # a taken stage name gets the path
+    assert out['results']['crowd'] == pytest.approx(rates([analyze(r['prompt'], r['response']) for r in crowd]))
+    # every model samples with the same seed: the same weights give the same answers, all ties, no KL
+    assert out['samples']['sft'] == out['samples'][f'sft:{again}'] and len(out['samples']['sft']) == 2
+    assert out['results'][f'sft:{again}']['ties'] == 1.0 and out['results'][f'sft:{again}']['kl'] == 0.0
+
+
+def test_eval_needs_a_positive_temperature(tmp_path):
+    p = run_script('eval.py', *EVAL_ARGS, '--temperature=0', f'--out_json={tmp_path / "e.json"}', check=False, timeout=60)
+    assert p.returncode == 2 and 'temperature must be > 0: the KL is measured on samples' in p.stderr, p.stderr[-1000:]
+
+
 def test_sample_reward_model_is_a_clear_error(tmp_path):
     rm = GPT(GPTConfig(**ARGS, scalar_head=True))
     save_checkpoint(tmp_path / 'rm.pt', rm, None, dict(ARGS, scalar_head=True), {}, 'rm', 0, reward_offset=0.0)

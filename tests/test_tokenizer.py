@@ -123,3 +123,12 @@ def test_chat_template():
     assert enc.eot_token not in encode_response(enc, 'a <|endoftext|> b')[:-1]
     assert decode_response(enc, response + [1, 2, 3]) == 'Hello there.'
     assert decode_response(enc, response[:-1]) == 'Hello there.'
+
+
+def test_chat_template_only_a_whole_conversation_is_kept_as_it_is():
+    # a message that starts like a Human turn but does not end on 'Assistant:' is a message: the model must
+    # still be asked to answer
+    assert render_prompt('Human: what does "Human:" mean?') == '\n\nHuman: Human: what does "Human:" mean?\n\nAssistant:'
+    # only spaces go before the one space after 'Assistant:'; a reply's own first newline or tab is kept
+    assert render_response('\n1. flour\n2. water') == ' \n1. flour\n2. water'
+    assert render_response('\tcode') == ' \tcode'
