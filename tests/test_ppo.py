@@ -7,7 +7,7 @@ import torch
 
 from common import save_checkpoint
 from model import GPT, GPTConfig
-from scripts import function_defs, read_log, run_script, script_functions
+from scripts import ROOT, finish, function_defs, read_log, run_script, script_functions, start_python
 from test_model import tiny_gpt
 
 ppo = script_functions('train_ppo.py')
@@ -283,3 +283,94 @@ def test_logprobs_values_and_scores_read_the_right_positions():
                 assert abs(logprobs[i, t] - want) < 1e-5, (i, t)
                 assert abs(values[i, t] - value.scores(state)[0, -1]) < 1e-5, (i, t)
     assert (logprobs[response_mask == 0] == 0).all()  # nothing off the response
+
+
+def test_adaptive_kl_coefficient_is_updated_logged_saved_and_resumed(tmp_path):
+    # a short horizon, so each iteration moves kl_coef by up to 0.2 x 8 / 20: the logged kl_coef is the controller
+    # applied to the iteration's KL (per sequence, over batch_size sequences), the checkpoint holds the latest one,
+    # and a resumed run goes on from it (iteration 1 runs after a resume)
+    args = make_tiny_world(tmp_path) + ['--adaptive_kl_ctl=True', '--target_kl=0.5', '--kl_horizon=20', '--learning_rate=1e-3',
+                                        f'--out_dir={tmp_path / "ppo"}']
+    run_script('train_ppo.py', *args, '--max_iters=1')
+    run_script('train_ppo.py', *args, '--max_iters=2', '--init_from=resume')
+    log = read_log(tmp_path / 'ppo' / 'log.jsonl')
+    assert [row['iter'] for row in log] == [0, 1]
+    kl_coef = 0.05
+    for row in log:
+        kl_coef = ppo.adaptive_kl(kl_coef, row['kl'], 0.5, 20, 8)
+        assert row['kl_coef'] == pytest.approx(kl_coef, rel=1e-12), row
+    assert len({0.05, *(row['kl_coef'] for row in log)}) == 3  # it moved every iteration
+    assert torch.load(tmp_path / 'ppo' / 'ckpt.pt', weights_only=True)['kl_coef'] == pytest.approx(kl_coef, rel=1e-12)
+
+
+@pytest.mark.parametrize('token, n_new', [(100, 16), (511, 1)])
+def test_ppo_iteration_statistics_by_hand(tmp_path, token, n_new):
+    # a policy that always samples the same token (a logit of 320 against about +-1) makes the rollout known: every
+    # response is n_new times that token; it never ends (100), or it is <|endoftext|> (511), which ends it even at
+    # the last position max_new_tokens allows. Resumed from a checkpoint holding that policy (the reference stays the
+    # random SFT model), iteration 0's logged numbers follow by hand: the score (the reward model, plus
+    # missing_eos_penalty where the response never ended), the KL per sequence (k1, summed over the response, and
+    # k3), and score - kl_coef * KL
+    from common import get_tokenizer, model_from_checkpoint
+    from loaders import batch_indices, read_jsonl, tokenize_prompts
+    args = make_tiny_world(tmp_path)
+    out, ended = tmp_path / 'ppo', token == 511
+    sft_ckpt, rm_ckpt = (torch.load(tmp_path / name, weights_only=True) for name in ('sft.pt', 'rm.pt'))
+    policy, value = model_from_checkpoint(sft_ckpt)[0], model_from_checkpoint(rm_ckpt)[0]
+    with torch.no_grad():
+        policy.transformer.ln_f.weight.zero_()
+        policy.transformer.ln_f.bias.fill_(10.0)
+        policy.lm_head.weight[token] = 1.0
+    optimizer = torch.optim.AdamW([*policy.parameters(), *value.parameters()], lr=1e-4, betas=(0.9, 0.95), eps=1e-5)
+    save_checkpoint(out / 'ckpt.pt', policy, optimizer, sft_ckpt['model_args'], {}, 'ppo', 0,
+                    value_model=value.state_dict(), value_model_args=rm_ckpt['model_args'], kl_coef=0.05)
+    run_script('train_ppo.py', *args, '--max_iters=1', '--init_from=resume', f'--max_new_tokens={n_new}', f'--out_dir={out}')
+    (row,) = read_log(out / 'log.jsonl')
+
+    enc = get_tokenizer(512)
+    prompts = tokenize_prompts(read_jsonl(tmp_path / 'prompts.jsonl', 'rl'), enc, 24)
+    ref, reward_model = model_from_checkpoint(sft_ckpt)[0].eval(), model_from_checkpoint(rm_ckpt)[0].eval()
+    scores, k1, k3 = [], [], []
+    with torch.no_grad():
+        for i in batch_indices(len(prompts), 8, 0, 1337):
+            seq = torch.tensor([prompts[i] + [token] * n_new])
+            P = len(prompts[i])
+            logp = lambda model: torch.log_softmax(model(seq)[0][0, P - 1:-1] / 0.7, -1)[:, token]  # (n_new,)
+            log_ratio = logp(policy.eval()) - logp(ref)
+            scores.append(reward_model.scores(seq)[0, -1].item() - (0.0 if ended else 1.0))  # never ended: the penalty
+            k1.append(log_ratio.sum().item())
+            k3.append((torch.exp(-log_ratio) - 1 + log_ratio).sum().item())
+    scores, k1, k3 = torch.tensor(scores), torch.tensor(k1), torch.tensor(k3)
+    assert row['response_length'] == n_new and row['ended'] == ended
+    assert k1.mean() > 3 * n_new  # the reference finds the token unlikely: a large KL
+    assert row['score'] == pytest.approx(scores.mean().item(), abs=1e-4)
+    assert row['kl'] == pytest.approx(k1.mean().item(), rel=1e-4)
+    assert row['kl_k3'] == pytest.approx(k3.mean().item(), rel=1e-3)
+    assert row['rlhf_reward'] == pytest.approx((scores - 0.05 * k1).mean().item(), rel=1e-4, abs=1e-4)
+    assert row['kl_coef'] == 0.05 and row['iter'] == 0
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert ckpt['step'] == 1 and ckpt['kl_coef'] == 0.05
+
+
+# runs a script with the built-in world's gold judge replaced by one that scores a response by its prompt's length
+PROMPT_LENGTH_JUDGE = """
+import runpy, sys
+sys.path.insert(0, '.')
+from data.tinyhh import world
+world.score = lambda prompt, text, ended=True: len(prompt) / 100
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def test_ppo_gold_judge_scores_each_rollout_against_its_own_prompt(tmp_path):
+    from loaders import batch_indices
+    out = tmp_path / 'ppo'
+    args = make_tiny_world(tmp_path) + ['--gold_judge=tinyhh', '--max_iters=2', f'--out_dir={out}']
+    p = finish(start_python(['-c', PROMPT_LENGTH_JUDGE, str(ROOT / 'train_ppo.py'), *args], tmp_path / 'out', tmp_path / 'err'),
+               tmp_path / 'out', tmp_path / 'err', timeout=240)
+    assert p.returncode == 0, p.stderr[-2000:]
+    prompts = [json.loads(line)['prompt'] for line in open(tmp_path / 'prompts.jsonl')]
+    for row in read_log(out / 'log.jsonl'):
+        want = sum(len(prompts[i]) / 100 for i in batch_indices(32, 8, row['iter'], 1337)) / 8
+        assert row['gold'] == pytest.approx(want, rel=1e-6), row

@@ -8,7 +8,9 @@ Reliability of the train_*.py scripts, on tiny models and a CPU:
             'config error: ...' on stderr, no traceback
 A SIGKILL in the middle of a checkpoint write is tested in test_checkpoint.py.
 """
+import io
 import json
+import math
 import os
 import runpy
 import signal
@@ -352,3 +354,109 @@ def test_dpo_best_pt_keeps_the_lowest_val_loss(tmp_path):
     best = torch.load(out / 'best.pt', weights_only=True)
     assert best['step'] == min(evals, key=lambda e: e[1])[0] == 0
     assert not torch.equal(best['model']['lm_head.weight'], torch.load(out / 'ckpt.pt', weights_only=True)['model']['lm_head.weight'])
+
+
+@pytest.mark.parametrize('script, make_args', [('train_sft.py', sft_args), ('train_reward_model.py', rm_args),
+                                                ('train_dpo.py', prefs_args)])
+def test_resume_compares_with_the_best_val_it_resumes_with(tmp_path, script, make_args):
+    # a run stopped at step 4 whose best val loss was 0.001 (an earlier eval, say): resumed to step 8, no eval
+    # beats it, so best.pt is left as it was and ckpt.pt keeps that best_val; the log still shows each eval's loss
+    args = make_args(tmp_path) + ['--learning_rate=1e-3', '--eval_interval=2', f'--out_dir={tmp_path / "out"}']
+    if script == 'train_reward_model.py':
+        args.append('--select_best=True')  # else best.pt is the final weights whatever the val loss
+    (code, _, stderr), = run_all([(script, args + ['--max_steps=4'])], tmp_path)
+    assert code == 0, stderr[-2000:]
+    ckpt_path, best_path = tmp_path / 'out' / 'ckpt.pt', tmp_path / 'out' / 'best.pt'
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert ckpt['step'] == 4
+    torch.save(dict(ckpt, best_val=0.001), ckpt_path)
+    best_before = best_path.read_bytes()
+    (code, stdout, stderr), = run_all([(script, args + ['--max_steps=8', '--init_from=resume'])], tmp_path)
+    assert code == 0, stderr[-2000:]
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert ckpt['step'] == 8 and ckpt['best_val'] == 0.001
+    log = read_log(tmp_path / 'out' / 'log.jsonl')
+    done = [line for line in stdout.splitlines() if line.startswith('done:')][-1]  # the resumed run's summary
+    train, val = [row for row in log if 'train/loss' in row][-1], [row for row in log if 'val/loss' in row][-1]
+    assert f"final train loss {train['train/loss']:.4f}" in done and 'best val loss 0.0010' in done, done
+    if script == 'train_dpo.py':
+        assert f"train accuracy {train['train/rewards/accuracies']:.3f}" in done, done
+        assert f"last val accuracy {val['val/rewards/accuracies']:.3f}" in done, done
+    if script == 'train_reward_model.py':
+        assert f"train accuracy {train['train/accuracy']:.3f}" in done and f"val accuracy {val['val/accuracy']:.4f}" in done, done
+    if script == 'train_reward_model.py':  # best.pt: the same weights, centred once more (on centred weights: by ~0)
+        best, old = torch.load(best_path, weights_only=True), torch.load(io.BytesIO(best_before), weights_only=True)
+        assert best['step'] == old['step'] == 4
+        for k, v in old['model'].items():
+            torch.testing.assert_close(best['model'][k], v, atol=1e-5, rtol=0, msg=k)
+        assert best['reward_offset'] == pytest.approx(old['reward_offset'], abs=1e-5)
+    else:
+        assert best_path.read_bytes() == best_before
+    resumed = [row['val/loss'] for row in read_log(tmp_path / 'out' / 'log.jsonl') if 'val/loss' in row and not row.get('final')][3:]
+    assert len(resumed) == 3 and all(v > 0.1 for v in resumed), resumed  # steps 4, 6, 8: their own losses
+
+
+# runs a script whose gradients are NaN once: at the n-th gradient clipping (one per optimizer step), the last
+# parameter's gradient is filled with NaN first (the loss itself stays finite)
+NAN_ONCE = """
+import runpy, sys, torch
+n, calls, clip = int(sys.argv[1]), [], torch.nn.utils.clip_grad_norm_
+def clip_with_a_nan(parameters, *args, **kwargs):
+    parameters = list(parameters)
+    calls.append(1)
+    if len(calls) == n:
+        [p for p in parameters if p.grad is not None][-1].grad.fill_(float('nan'))  # PPO: the value model's
+    return clip(parameters, *args, **kwargs)
+torch.nn.utils.clip_grad_norm_ = clip_with_a_nan
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+@pytest.mark.parametrize('script, make_args', [('train_sft.py', sft_args), ('train_reward_model.py', rm_args),
+                                                ('train_dpo.py', prefs_args), ('train_ppo.py', ppo_args)])
+def test_one_nonfinite_gradient_skips_one_step(tmp_path, script, make_args):
+    # --skip_nonfinite=True: the step with the NaN gradient is skipped, its gradient dropped, and the next
+    # steps train as usual (a NaN left in the gradients would make every later step non-finite too)
+    out = tmp_path / 'out'
+    args = make_args(tmp_path) + ['--skip_nonfinite=True', f'--out_dir={out}']
+    proc = start_python(['-c', NAN_ONCE, '2', str(ROOT / script), *args], tmp_path / 'run.out', tmp_path / 'run.err', ENV)
+    p = finish(proc, tmp_path / 'run.out', tmp_path / 'run.err', timeout=240)
+    assert p.returncode == 0, p.stderr[-2000:]
+    first = 'step 0' if script == 'train_ppo.py' else 'step 1'  # PPO names the iteration: its 2nd minibatch
+    assert p.stdout.count('step skipped') == 1 and f'{first}: non-finite loss' in p.stdout, p.stdout[-2000:]
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert ckpt['step'] == (4 if script == 'train_ppo.py' else 8) and finite(ckpt['model'])
+    log = read_log(out / 'log.jsonl')
+    if script != 'train_ppo.py':  # no train row for the skipped step, a finite one for every other
+        rows = [row for row in log if 'train/loss' in row]
+        assert [row['step'] for row in rows] == [0, 2, 3, 4, 5, 6, 7]
+        assert all(math.isfinite(v) for row in rows for v in row.values())
+    else:
+        assert [row['iter'] for row in log] == [0, 1, 2, 3] and all(math.isfinite(v) for row in log for v in row.values())
+
+
+@pytest.mark.parametrize('script, make_args', [('train_sft.py', sft_args), ('train_reward_model.py', rm_args),
+                                                ('train_dpo.py', prefs_args)])
+def test_final_weights_are_saved_when_max_steps_is_no_multiple_of_eval_interval(tmp_path, script, make_args):
+    out = tmp_path / 'out'
+    (code, _, stderr), = run_all([(script, make_args(tmp_path) + ['--max_steps=6', f'--out_dir={out}'])], tmp_path)
+    assert code == 0, stderr[-2000:]
+    evals = [row['step'] for row in read_log(out / 'log.jsonl') if 'val/loss' in row and not row.get('final')]
+    assert evals == [0, 4, 6]
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['step'] == 6
+
+
+@pytest.mark.parametrize('script, make_args', [('train_reward_model.py', rm_args), ('train_dpo.py', prefs_args)])
+def test_weights_with_a_nonfinite_val_loss_are_never_the_state_to_resume(tmp_path, script, make_args):
+    # as for SFT above: lr 1e30 leaves finite but huge weights after step 0, whose val loss is NaN at every later
+    # eval; the steps are skipped, and ckpt.pt stays step 0's state, the last one with a finite val loss
+    out = tmp_path / 'out'
+    args = make_args(tmp_path) + ['--learning_rate=1e30', '--eval_interval=1', '--skip_nonfinite=True', f'--out_dir={out}']
+    (code, stdout, stderr), = run_all([(script, args)], tmp_path)
+    assert 'step 8: val loss nan' in stdout and 'step skipped' in stdout, stdout[-2000:] + stderr[-2000:]
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert ckpt['step'] == 0 and finite(ckpt['model'])
+    if script == 'train_dpo.py':
+        assert code == 0, stderr[-2000:]
+        assert torch.load(out / 'best.pt', weights_only=True)['step'] == 0

@@ -335,6 +335,10 @@ def test_dpo_overfits_64_pairs(world, dpo_online):
     assert first['train/loss'] == pytest.approx(LN2, abs=1e-6) and first['train/rewards/margins'] == 0  # pi == pi_ref
     assert last['train/loss'] < 0.1 and last['train/rewards/accuracies'] == 1.0, last
     assert last['train/rewards/margins'] > 0 and last['train/rewards/chosen'] > last['train/rewards/rejected']
+    for row in dpo_online:  # the mean margin is the mean chosen reward minus the mean rejected one, at every step
+        split = 'train' if 'train/loss' in row else 'val'
+        margin = row[f'{split}/rewards/chosen'] - row[f'{split}/rewards/rejected']
+        assert row[f'{split}/rewards/margins'] == pytest.approx(margin, rel=1e-6, abs=1e-9), row
 
 
 def test_dpo_precomputed_reference_equals_online(world, dpo_online):
@@ -351,3 +355,168 @@ def test_dpo_precomputed_reference_equals_online(world, dpo_online):
         assert a.keys() == b.keys()
         for k in a:
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-5), (k, a, b)
+
+
+def sft_nll(model, examples, eot):
+    """The mean per-token loss of the response tokens of examples, by hand (one batch, eval mode)."""
+    seq, targets, _ = collate(examples, eot)
+    with torch.no_grad():
+        logprobs, _ = model.eval()(seq[:, :-1], targets)
+    return (-logprobs.sum() / (targets >= 0).sum()).item()
+
+
+def test_sft_logged_losses_and_learning_rates_by_hand(world):
+    # a learning rate of 1e-9: the weights hardly move, so every logged train loss is the final model's loss
+    # on that step's batch (batch_indices over the first train_subset examples, whatever the micro-batches),
+    # and the val loss is its loss on the first eval_batches x batch_size val examples (val has more)
+    from common import get_lr
+    from loaders import batch_indices
+    args = [*SYSTEM, f'--train_file={world}/sft.jsonl', '--train_subset=40', '--n_layer=2', '--n_head=2', '--n_embd=64',
+            '--vocab_size=512', '--batch_size=8', '--micro_batch_size=2', '--max_steps=4', '--warmup_steps=2',
+            '--learning_rate=1e-9', '--eval_interval=100', '--eval_batches=2']
+    val = world / 'sft_val_reversed.jsonl'  # 64 val examples, in another order than train's
+    val.write_text(''.join(reversed((world / 'sft.jsonl').read_text().splitlines(keepends=True))))
+    run_script('train_sft.py', *args, f'--val_file={val}', f'--out_dir={world}/sft_hand', env=ONE_THREAD)
+    log = read_log(world / 'sft_hand' / 'log.jsonl')
+    ckpt = torch.load(world / 'sft_hand' / 'ckpt.pt', weights_only=True)
+    model, _ = model_from_checkpoint(ckpt)
+    enc = get_tokenizer(512)
+    train = tokenize_sft(read_jsonl(str(world / 'sft.jsonl'), 'sft'), enc, 64)[:40]
+    val_examples = tokenize_sft(read_jsonl(str(val), 'sft'), enc, 64)
+    rows = [row for row in log if 'train/loss' in row]
+    assert [row['step'] for row in rows] == [0, 1, 2, 3]
+    for row in rows:
+        batch = [train[j] for j in batch_indices(40, 8, row['step'], 1337)]
+        assert row['train/loss'] == pytest.approx(sft_nll(model, batch, enc.eot_token), rel=1e-5), row
+        assert row['lr'] == pytest.approx(get_lr(row['step'], 1e-9, 2, 4, 0.1), rel=1e-12), row
+    assert ckpt['optimizer']['param_groups'][0]['lr'] == pytest.approx(get_lr(3, 1e-9, 2, 4, 0.1), rel=1e-12)  # the last step's
+    evals = [row for row in log if 'val/loss' in row]
+    assert [row['step'] for row in evals] == [0, 4]
+    for row in evals:
+        assert row['val/loss'] == pytest.approx(sft_nll(model, val_examples[:16], enc.eot_token), rel=1e-5), row
+
+    # with dropout: the val loss is taken without it (the same number), and training uses it again after the eval
+    run_script('train_sft.py', *args, f'--val_file={val}', '--dropout=0.5', f'--out_dir={world}/sft_hand_dropout', env=ONE_THREAD)
+    dropout_log = read_log(world / 'sft_hand_dropout' / 'log.jsonl')
+    assert dropout_log[0]['val/loss'] == pytest.approx(evals[0]['val/loss'], rel=1e-5)
+    assert abs(dropout_log[1]['train/loss'] - rows[0]['train/loss']) > 1e-3, (dropout_log[1], rows[0])
+
+
+def rm_metrics(model, pairs, gaps, tie_margin=0.1):
+    """The reward model's metrics on pairs, by hand (float64 sums): loss, accuracy, margin, chosen, rejected, and
+    with gold gaps the gold accuracy (gold ties left out) and that on the pairs whose gap is at least tie_margin."""
+    seq, _, lengths = collate([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], 511)
+    with torch.no_grad():
+        chosen, rejected = rm.last_token_rewards(model.eval(), seq, lengths).double().split(len(pairs))
+    delta = chosen - rejected
+    out = {'loss': -F.logsigmoid(delta).mean().item(), 'accuracy': (delta > 0).double().mean().item(),
+           'margin': delta.mean().item(), 'chosen': chosen.mean().item(), 'rejected': rejected.mean().item()}
+    if gaps is not None:
+        right = [d * g > 0 for d, g in zip(delta.tolist(), gaps)]
+        out['gold_accuracy'] = sum(right) / sum(g != 0 for g in gaps)
+        clear = [abs(g) >= tie_margin for g in gaps]
+        out['gold_accuracy_clear'] = sum(r and c for r, c in zip(right, clear)) / sum(clear)
+    return out
+
+
+def test_reward_model_logged_metrics_by_hand(world, tmp_path):
+    # resumed from step 0 of a reward model whose head is random (not the zero head, whose rewards all tie), at a
+    # learning rate of 1e-9 so the weights hardly move (the rewards are about 7: float32 rounding of 1e-4): each step's logged train metrics are the final model's on
+    # that step's pairs (batch_indices), the val metrics those on the first eval_batches x batch_size val pairs, and
+    # the final ones those of best.pt on every val pair; the gold accuracies count a gold gap of exactly
+    # gold_tie_margin as clear and leave gold ties out
+    from common import get_lr
+    from loaders import batch_indices
+    rng = random.Random(1)
+    gaps = [0.1, -0.1, 0.0, 0.5, -0.05, 0.09, -1.0, 0.2] * 4
+    records = [{'prompt': f'Tell me about {rng.choice(WORDS)}', 'chosen': ' '.join(rng.choices(WORDS, k=rng.randint(1, 5))),
+                'rejected': ' '.join(rng.choices(WORDS, k=rng.randint(1, 5))), 'gold_chosen': g, 'gold_rejected': 0.0}
+               for g in gaps]
+    prefs = tmp_path / 'prefs.jsonl'
+    prefs.write_text(''.join(json.dumps(r) + '\n' for r in records))
+    out = tmp_path / 'rm'
+    ckpt = torch.load(world / 'sft.pt', weights_only=True)
+    model, model_args = model_from_checkpoint(ckpt, scalar_head=True)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(model.scalar_head.weight, std=1.0)
+    save_checkpoint(out / 'ckpt.pt', model, model.configure_optimizers(0.1, 1e-9, (0.9, 0.95)), model_args, {}, 'rm', 0,
+                    best_val=float('inf'))
+    p = run_script('train_reward_model.py', *SYSTEM, '--init_from=resume', f'--train_file={prefs}', f'--val_file={prefs}',
+               '--test_file=', f'--sft_train_file={world}/sft.jsonl', f'--out_dir={out}', '--train_subset=24',
+               '--batch_size=8', '--micro_batch_size=2', '--max_steps=3', '--learning_rate=1e-9', '--warmup_steps=2',
+               '--eval_interval=100', '--eval_batches=1', '--norm_examples=8', env=ONE_THREAD)
+    log = read_log(out / 'log.jsonl')
+    final_model, _ = model_from_checkpoint(torch.load(out / 'ckpt.pt', weights_only=True))
+    enc = get_tokenizer(512)
+    # centred on the first norm_examples demonstrations: their mean reward under best.pt is 0, the offset theirs before
+    demos = tokenize_sft(read_jsonl(str(world / 'sft.jsonl'), 'sft'), enc, 64)
+    best = torch.load(out / 'best.pt', weights_only=True)
+    best_model, _ = model_from_checkpoint(best)
+    seq, _, lengths = collate(demos[:8], enc.eot_token)
+    with torch.no_grad():
+        assert abs(rm.last_token_rewards(best_model.eval(), seq, lengths).mean().item()) < 1e-4
+        raw = rm.last_token_rewards(final_model.eval(), seq, lengths).double().mean().item()
+    assert best['reward_offset'] == pytest.approx(raw, abs=1e-4) and abs(raw) > 0.1
+    pairs = tokenize_prefs(records, enc, 64)
+    train = [row for row in log if 'train/loss' in row]
+    assert [row['step'] for row in train] == [0, 1, 2]
+    for row in train:
+        idx = batch_indices(24, 8, row['step'], 1337)
+        want = rm_metrics(final_model, [pairs[j] for j in idx], None)
+        assert {k: row[f'train/{k}'] for k in want} == pytest.approx(want, rel=1e-4, abs=2e-4), row
+        assert row['lr'] == pytest.approx(get_lr(row['step'], 1e-9, 2, 3, 0.1), rel=1e-12)
+    evals = [row for row in log if 'val/loss' in row]
+    assert [(row['step'], row.get('final', False)) for row in evals] == [(0, False), (3, False), (3, True)]
+    for row, n in ((evals[0], 8), (evals[2], 32)):  # best.pt: the final weights (centring shifts no difference)
+        want = rm_metrics(final_model, pairs[:n], gaps[:n])
+        del want['chosen'], want['rejected']  # not logged by an eval
+        assert {k: row[f'val/{k}'] for k in want} == pytest.approx(want, rel=1e-4, abs=2e-4), row
+    assert 0 < want['accuracy'] < 1 and 0 < want['gold_accuracy'] < 1 and want['gold_accuracy_clear'] != want['gold_accuracy']
+    # the summary: the last step's train numbers, best.pt's on every val pair, and the offset
+    done = next(line for line in p.stdout.splitlines() if line.startswith('done:'))
+    assert f"final train loss {train[-1]['train/loss']:.4f}, train accuracy {train[-1]['train/accuracy']:.3f}" in done, done
+    assert f"val accuracy {want['accuracy']:.4f}" in done and f"reward_offset {best['reward_offset']:+.4f}" in done, done
+    assert 'rewards centred on 8 demonstrations' in done, done
+
+
+def test_dpo_logged_metrics_by_hand_with_precomputed_reference(world, tmp_path):
+    # precomputed reference log-probs, and val pairs other than the train pairs (the train pairs swapped): at a
+    # learning rate of 1e-9 the policy stays the reference, so every implicit reward is ~0 (float32 rounding of log-probs near -80) and the logged log-probs are
+    # the SFT model's, on each step's pairs (batch_indices) and on the first eval_batches x batch_size val pairs
+    from common import get_lr
+    from loaders import batch_indices
+    val_file = swapped_pairs(world / 'prefs.jsonl', tmp_path / 'swapped.jsonl')
+    out = tmp_path / 'dpo'
+    p = run_script('train_dpo.py', *SYSTEM, f'--sft_ckpt={world}/sft.pt', f'--train_file={world}/prefs.jsonl',
+                   f'--val_file={val_file}', f'--out_dir={out}', '--train_subset=24', '--batch_size=8', '--micro_batch_size=2',
+                   '--max_steps=3', '--learning_rate=1e-9', '--warmup_steps=1', '--eval_interval=100', '--eval_batches=1',
+                   '--precompute_ref_logps=True', env=ONE_THREAD)
+    assert 'reference log-probs of 24 train and 64 val pairs precomputed' in p.stdout
+    log = read_log(out / 'log.jsonl')
+    enc = get_tokenizer(512)
+    sft_model, _ = model_from_checkpoint(torch.load(world / 'sft.pt', weights_only=True))
+
+    def logps(pairs):
+        seq, targets, _ = collate([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], enc.eot_token)
+        with torch.no_grad():
+            chosen, rejected = dpo.sequence_logps(sft_model.eval(), seq, targets).split(len(pairs))
+        return {'logps/chosen': chosen.mean().item(), 'logps/rejected': rejected.mean().item(), 'loss': LN2,
+                'rewards/chosen': 0.0, 'rewards/rejected': 0.0, 'rewards/margins': 0.0}
+    train = tokenize_prefs(read_jsonl(str(world / 'prefs.jsonl'), 'prefs'), enc, 64)[:24]
+    val = tokenize_prefs(read_jsonl(str(val_file), 'prefs'), enc, 64)
+    rows = [row for row in log if 'train/loss' in row]
+    assert [row['step'] for row in rows] == [0, 1, 2]
+    for row in rows:
+        want = logps([train[j] for j in batch_indices(24, 8, row['step'], 1337)])
+        assert {k: row[f'train/{k}'] for k in want} == pytest.approx(want, rel=1e-5, abs=1e-4), row
+        assert row['lr'] == pytest.approx(get_lr(row['step'], 1e-9, 1, 3, 0.1), rel=1e-12)
+    evals = [row for row in log if 'val/loss' in row]
+    assert [row['step'] for row in evals] == [0, 3]
+    for row in evals:
+        want = logps(val[:8])
+        assert {k: row[f'val/{k}'] for k in want} == pytest.approx(want, rel=1e-5, abs=1e-4), row
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['optimizer']['param_groups'][0]['lr'] == \
+        pytest.approx(get_lr(2, 1e-9, 1, 3, 0.1), rel=1e-12)  # the last step's, below the peak
+    done = next(line for line in p.stdout.splitlines() if line.startswith('done:'))  # the last step's and eval's numbers
+    assert f"train accuracy {rows[-1]['train/rewards/accuracies']:.3f}" in done, done
+    assert f"last val accuracy {evals[-1]['val/rewards/accuracies']:.3f}" in done, done
