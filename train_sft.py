@@ -24,7 +24,7 @@ from tqdm import tqdm
 from common import (all_reduce_mean, check_finite, default_compile, default_device, default_dtype, end_ddp, get_lr,
                     get_tokenizer, model_from_checkpoint, require_checkpoint, restore_rng, save_checkpoint, setup,
                     wrap_for_training)
-from configurator import UserError, check, configure
+from configurator import check, configure
 from loaders import batch_indices, collate, read_jsonl, tokenize_sft
 from model import GPT, GPTConfig, HF_REPOS, DownloadError, download_gpt2
 

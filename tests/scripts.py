@@ -52,6 +52,8 @@ def function_defs(name, *functions, **names):
 # interpreter, and RLHF_TESTS_SUBPROCESS=1 gives every run one (slower; the check that the shortcut
 # changes nothing: the suite passes both ways).
 FRESH_INTERPRETER = os.environ.get('RLHF_TESTS_SUBPROCESS') == '1'
+# offline: a proxy on a closed port refuses every connection, and no host bypasses it
+OFFLINE_ENV = {'https_proxy': 'http://127.0.0.1:9', 'HTTPS_PROXY': 'http://127.0.0.1:9', 'no_proxy': '', 'NO_PROXY': ''}
 _forkserver = multiprocessing.get_context('forkserver')
 _forkserver.set_forkserver_preload(['torch', 'tiktoken', 'tqdm'])
 _BASE_PATH = None  # sys.path of a fresh interpreter, less its first entry (the script's directory)

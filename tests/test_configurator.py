@@ -8,6 +8,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from configurator import ConfigError, check, configure  # noqa: E402
+from scripts import OFFLINE_ENV  # noqa: E402
 
 
 class Model:
@@ -276,8 +277,7 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path):
 def test_real_scripts_stop_with_one_line(script, args, message, tmp_path):
     (tmp_path / 'sft.jsonl').write_text('{"prompt": "Hi", "response": "Hello."}\n')
     args = [a.format(tmp=tmp_path) for a in args]
-    env = dict(os.environ, GPT2_CACHE=str(tmp_path), https_proxy='http://127.0.0.1:9', HTTPS_PROXY='http://127.0.0.1:9',
-               no_proxy='', NO_PROXY='')  # no host bypasses the closed proxy
+    env = dict(os.environ, GPT2_CACHE=str(tmp_path), **OFFLINE_ENV)
     p = subprocess.run([sys.executable, script, *args, '--device=cpu' if 'device' not in args[0] else args[0]],
                        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert p.returncode in (1, 2) and message in p.stderr and 'Traceback' not in p.stderr, p.stderr

@@ -11,7 +11,7 @@ import torch
 
 from common import get_tokenizer, model_from_checkpoint, save_checkpoint
 from loaders import batch_indices, read_jsonl, tokenize_prompts
-from scripts import ROOT, read_log, start_python
+from scripts import OFFLINE_ENV, ROOT, read_log, start_python
 from test_ppo import make_tiny_world
 from test_reliability import output, prefs_args, rm_args, sft_args, start
 
@@ -150,8 +150,7 @@ def test_offline_gpt2_stops_every_process_with_one_line(tmp_path):
     # offline (a proxy on a closed port), GPT-2 not in the cache: local rank 0's download fails, and
     # rank 1, which would wait for it, learns that and stops too, each with one line and no traceback
     (tmp_path / 'sft.jsonl').write_text('{"prompt": "Hi", "response": "Hello."}\n')
-    env = dict(OMP_NUM_THREADS='1', GPT2_CACHE=str(tmp_path / 'cache'), https_proxy='http://127.0.0.1:9',
-               HTTPS_PROXY='http://127.0.0.1:9', no_proxy='', NO_PROXY='')
+    env = dict(OMP_NUM_THREADS='1', GPT2_CACHE=str(tmp_path / 'cache'), **OFFLINE_ENV)
     cmd = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', f'--log_dir={tmp_path / "logs"}',
            '--redirects=3', str(ROOT / 'train_sft.py'), '--init_from=gpt2', f'--train_file={tmp_path / "sft.jsonl"}',
            f'--val_file={tmp_path / "sft.jsonl"}', '--batch_size=2', '--micro_batch_size=1', '--device=cpu']

@@ -313,23 +313,27 @@ def test_rm_and_dpo_refuse_a_checkpoint_of_another_stage(tmp_path, monkeypatch, 
 @pytest.mark.parametrize('script, make_args', [('train_sft.py', sft_args), ('train_reward_model.py', rm_args),
                                                 ('train_dpo.py', prefs_args)])
 def test_final_weights_are_evaluated_and_saved(tmp_path, script, make_args):
-    # max_steps 8, eval_interval 4: evals at steps 0 and 4 (before those updates) and 8, after the last one
+    # max_steps 6, eval_interval 4 (no multiple of it): evals at steps 0 and 4 (before those updates) and 6, after
+    # the last one
     out = tmp_path / 'out'
-    (code, stdout, stderr), = run_all([(script, make_args(tmp_path) + ['--learning_rate=1e-3', f'--out_dir={out}'])], tmp_path)
+    args = make_args(tmp_path) + ['--max_steps=6', '--learning_rate=1e-3', f'--out_dir={out}']
+    (code, stdout, stderr), = run_all([(script, args)], tmp_path)
     assert code == 0, stderr[-2000:]
-    evals = [row['step'] for row in read_log(out / 'log.jsonl') if any(k.startswith('val/') for k in row)]
-    assert evals[:3] == [0, 4, 8]
+    log = read_log(out / 'log.jsonl')
+    evals = [row['step'] for row in log if any(k.startswith('val/') for k in row)]
+    assert evals[:3] == [0, 4, 6]
+    assert [row['step'] for row in log if 'val/loss' in row and not row.get('final')] == [0, 4, 6]
     ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
-    assert ckpt['step'] == 8
+    assert ckpt['step'] == 6
     best = torch.load(out / 'best.pt', weights_only=True)
     if script == 'train_reward_model.py':  # best.pt: the final weights, centred on the demonstrations
-        assert best['step'] == 8 and 'reward_offset' in best
+        assert best['step'] == 6 and 'reward_offset' in best
         head = 'scalar_head.bias'
         assert torch.allclose(best['model'][head], ckpt['model'][head] - best['reward_offset'], atol=1e-6)
     else:  # the training loss falls at lr 1e-3: the final weights have the best val loss
-        assert best['step'] == 8, [json.loads(l) for l in open(out / 'log.jsonl') if 'val/loss' in l]
+        assert best['step'] == 6, [json.loads(l) for l in open(out / 'log.jsonl') if 'val/loss' in l]
         assert best['best_val'] == ckpt['best_val']
-    assert 'step 8: val' in stdout
+    assert 'step 6: val' in stdout
 
 
 def test_reward_model_reads_every_file_before_training(tmp_path):
@@ -434,17 +438,6 @@ def test_one_nonfinite_gradient_skips_one_step(tmp_path, script, make_args):
         assert all(math.isfinite(v) for row in rows for v in row.values())
     else:
         assert [row['iter'] for row in log] == [0, 1, 2, 3] and all(math.isfinite(v) for row in log for v in row.values())
-
-
-@pytest.mark.parametrize('script, make_args', [('train_sft.py', sft_args), ('train_reward_model.py', rm_args),
-                                                ('train_dpo.py', prefs_args)])
-def test_final_weights_are_saved_when_max_steps_is_no_multiple_of_eval_interval(tmp_path, script, make_args):
-    out = tmp_path / 'out'
-    (code, _, stderr), = run_all([(script, make_args(tmp_path) + ['--max_steps=6', f'--out_dir={out}'])], tmp_path)
-    assert code == 0, stderr[-2000:]
-    evals = [row['step'] for row in read_log(out / 'log.jsonl') if 'val/loss' in row and not row.get('final')]
-    assert evals == [0, 4, 6]
-    assert torch.load(out / 'ckpt.pt', weights_only=True)['step'] == 6
 
 
 @pytest.mark.parametrize('script, make_args', [('train_reward_model.py', rm_args), ('train_dpo.py', prefs_args)])
