@@ -4,6 +4,7 @@ I/O, and the small pieces of training set-up (device, precision, DDP, optimizer,
 The algorithms themselves live in their own train_*.py scripts.
 """
 import hashlib
+import json
 import math
 import os
 import re
@@ -191,6 +192,32 @@ def unwrap(model):
     """The plain GPT under DDP and torch.compile wrappers."""
     model = getattr(model, 'module', model)  # DDP
     return getattr(model, '_orig_mod', model)  # torch.compile
+
+
+def open_log(out_dir, resume_from):
+    """out_dir/log.jsonl, open for appending one JSON row per step or iteration ('step' or 'iter'). A fresh
+    run (resume_from 0) starts it empty. A resumed run keeps the rows before resume_from, the checkpoint's
+    step, and redoes the rest, so a run killed and resumed leaves the log of one that never stopped. Rows
+    are written whole and flushed one by one: only the last line can be torn, by a kill mid-write."""
+    os.makedirs(out_dir, exist_ok=True)
+    path, kept = os.path.join(out_dir, 'log.jsonl'), []
+    if resume_from > 0 and os.path.exists(path):
+        with open(path) as f:
+            lines = f.readlines()
+        for i, line in enumerate(lines):
+            try:
+                row = json.loads(line)
+                before = (row['step'] if 'step' in row else row['iter']) < resume_from
+            except (ValueError, KeyError, TypeError):
+                if i == len(lines) - 1 and not line.endswith('\n'):
+                    break  # the torn last line of a killed run: its step comes after the checkpoint
+                raise UserError(f"{path}, line {i + 1}: not a log row (a JSON object with a 'step' or 'iter')")
+            if before:
+                kept.append(line.rstrip('\n') + '\n')
+    with open(path + '.tmp', 'w') as f:  # the kept rows, atomically: a kill now leaves the old log or the new
+        f.writelines(kept)
+    os.replace(path + '.tmp', path)
+    return open(path, 'a')
 
 # -----------------------------------------------------------------------------
 # training set-up: device, precision, DDP, schedule

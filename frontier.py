@@ -144,7 +144,8 @@ def plot_frontier(eval_json, png):
 
 
 def plot_curves(run_dir):
-    """PPO: score, kl and gold per iteration. SFT, reward model, DPO: train and val loss (and accuracy) per step."""
+    """PPO: score, kl and gold per iteration. SFT, reward model, DPO: train and val loss (and accuracy) per step.
+    Both: the gradient norm before clipping, when the log has it."""
     with open(os.path.join(run_dir, 'log.jsonl')) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     if any('score' in row for row in rows):
@@ -154,12 +155,14 @@ def plot_curves(run_dir):
         for acc in ('rewards/accuracies', 'accuracy'):  # DPO's and the reward model's
             if any(f'train/{acc}' in row for row in rows):
                 panels.append([f'train/{acc}', f'val/{acc}'])
+    if any('grad_norm' in row for row in rows):
+        panels.append(['grad_norm'])
     plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
     drawn = []  # what each curve holds, printed at the end
     for ax, keys in zip(axes[0], panels):
         for key in keys:
-            series = {row[x]: row[key] for row in rows if key in row and x in row}  # a resumed run repeats steps: the last wins
+            series = {row[x]: row[key] for row in rows if key in row and x in row}  # a step logged twice: the last row wins
             if series:
                 steps = sorted(series)
                 ax.plot(steps, [series[s] for s in steps], '.-' if key.startswith('val/') else '-', label=key)

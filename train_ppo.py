@@ -41,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 from common import (all_reduce_mean, check_finite, decode_response, default_compile, default_device, default_dtype,
-                    end_ddp, get_tokenizer, model_from_checkpoint, require_checkpoint, require_reward_model,
+                    end_ddp, get_tokenizer, model_from_checkpoint, open_log, require_checkpoint, require_reward_model,
                     restore_rng, sampling_logprobs_exact, save_checkpoint, setup, wrap_for_training)
 from configurator import check, configure
 from loaders import batch_indices, read_jsonl, tokenize_prompts
@@ -277,9 +277,7 @@ def values_of(model, seq, seq_mask, P):
 
 # -----------------------------------------------------------------------------
 # training loop
-if master:
-    os.makedirs(out_dir, exist_ok=True)
-log = open(os.path.join(out_dir, 'log.jsonl'), 'a') if master else None
+log = open_log(out_dir, start_iter) if master else None  # out_dir/log.jsonl: one JSON row per iteration
 t0 = time.time()
 row = dict.fromkeys(('score', 'kl', 'gold', 'ended'), float('nan'))  # no iteration yet: resuming a finished run
 bar = tqdm(range(start_iter, max_iters), initial=start_iter, total=max_iters, disable=not master, desc='ppo', mininterval=1.0)
@@ -316,7 +314,7 @@ for it in bar:
 
     # 5. PPO update: ppo_epochs passes over the rollout in minibatches
     stats = {k: [] for k in ('pg_loss', 'vf_loss', 'pg_clipfrac', 'vf_clipfrac', 'approxkl', 'ratio', 'entropy')}
-    ratio_dev = None
+    ratio_dev, grad_norms = None, []
     mb_rows, micro_rows = mini_batch_size // world_size, micro_batch_size
     for epoch in range(ppo_epochs):
         order = torch.randperm(len(batch))
@@ -350,6 +348,7 @@ for it in bar:
             mean_loss = all_reduce_mean(mb_loss, ddp).item()
             if check_finite(mean_loss, grad_norm, it, os.path.join(out_dir, 'ckpt.pt'), skip_nonfinite):
                 optimizer.step()
+                grad_norms.append(grad_norm)  # logged: their mean over the steps taken (before clipping)
             optimizer.zero_grad(set_to_none=True)
 
     # 6. the KL coefficient, and the iteration's statistics (averaged over all processes)
@@ -363,7 +362,8 @@ for it in bar:
         gold = torch.tensor([judge(records[i]['prompt'], t, e) for i, t, e in zip(batch_ids, texts, ended.tolist())])
     row = {'score': scores.mean(), 'rlhf_reward': (scores - kl_coef * kl_seq).mean(), 'kl': kl_seq.mean(),
            'kl_k3': k3_seq.mean(), 'gold': gold.mean(), 'response_length': lengths.float().mean(), 'ended': ended.float().mean(),
-           'explained_variance': explained_var, **{k: torch.stack(v).mean() for k, v in stats.items()}}
+           'explained_variance': explained_var, 'grad_norm': torch.stack(grad_norms).mean() if grad_norms else float('nan'),
+           **{k: torch.stack(v).mean() for k, v in stats.items()}}
     row = {k: all_reduce_mean(torch.as_tensor(v, dtype=torch.float32, device=device), ddp).item() for k, v in row.items()}
     if adaptive_kl_ctl:
         kl_coef = adaptive_kl(kl_coef, row['kl'], target_kl, kl_horizon, batch_size)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (all_reduce_mean, check_finite, default_compile, default_device, default_dtype, end_ddp, get_lr,
-                    get_tokenizer, load_checkpoint, model_from_checkpoint, require_checkpoint, restore_rng,
+                    get_tokenizer, load_checkpoint, model_from_checkpoint, open_log, require_checkpoint, restore_rng,
                     save_checkpoint, setup, wrap_for_training)
 from configurator import check, configure
 from loaders import batch_indices, collate, read_jsonl, tokenize_prefs, tokenize_sft
@@ -216,9 +216,7 @@ def save(path, step, optimizer, **extra):
 
 # -----------------------------------------------------------------------------
 # training loop
-if master:
-    os.makedirs(out_dir, exist_ok=True)
-log = open(os.path.join(out_dir, 'log.jsonl'), 'a') if master else None
+log = open_log(out_dir, start_step) if master else None  # out_dir/log.jsonl: one JSON row per step
 model.train()
 t0, tokens_seen, train_metrics = time.time(), 0, {}
 # steps run 0 .. max_steps - 1; the extra pass at step == max_steps evaluates and saves the final weights
@@ -270,7 +268,8 @@ for step in bar:
     optimizer.zero_grad(set_to_none=True)
     if master:
         bar.set_postfix(loss=f"{train_metrics['loss']:.4f}", acc=f"{train_metrics['accuracy']:.3f}", lr=f"{lr:.2e}")
-        log.write(json.dumps({'step': step, **{f'train/{k}': v for k, v in train_metrics.items()}, 'lr': lr}) + '\n')
+        log.write(json.dumps({'step': step, **{f'train/{k}': v for k, v in train_metrics.items()}, 'lr': lr,
+                              'grad_norm': grad_norm.item()}) + '\n')
         log.flush()  # whole lines only: a run killed at any moment leaves a log that a resume can append to
 if master:
     log.flush()

@@ -22,8 +22,8 @@ import torch
 from tqdm import tqdm
 
 from common import (all_reduce_mean, check_finite, default_compile, default_device, default_dtype, end_ddp, get_lr,
-                    get_tokenizer, model_from_checkpoint, require_checkpoint, restore_rng, save_checkpoint, setup,
-                    wrap_for_training)
+                    get_tokenizer, model_from_checkpoint, open_log, require_checkpoint, restore_rng, save_checkpoint,
+                    setup, wrap_for_training)
 from configurator import check, configure
 from loaders import batch_indices, collate, read_jsonl, tokenize_sft
 from model import GPT, GPTConfig, HF_REPOS, DownloadError, download_gpt2
@@ -169,9 +169,7 @@ def save(step, best):
 
 # -----------------------------------------------------------------------------
 # training loop
-if master:
-    os.makedirs(out_dir, exist_ok=True)
-log = open(os.path.join(out_dir, 'log.jsonl'), 'a') if master else None
+log = open_log(out_dir, start_step) if master else None  # out_dir/log.jsonl: one JSON row per step
 model.train()
 t0, tokens_seen, loss_value = time.time(), 0, float('nan')
 # steps run 0 .. max_steps - 1; the extra pass at step == max_steps evaluates and saves the final weights
@@ -223,7 +221,7 @@ for step in bar:
     optimizer.zero_grad(set_to_none=True)
     if master:
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-        log.write(json.dumps({'step': step, 'train/loss': loss_value, 'lr': lr}) + '\n')
+        log.write(json.dumps({'step': step, 'train/loss': loss_value, 'lr': lr, 'grad_norm': grad_norm.item()}) + '\n')
         log.flush()  # whole lines only: a run killed at any moment leaves a log that a resume can append to
 
 if master:

@@ -4,6 +4,7 @@ non-finite weights), atomic writes (a failed rename and a real SIGKILL mid-save 
 previous checkpoint loadable), unwrapped state dicts; and the learning-rate schedule.
 """
 import hashlib
+import json
 import math
 import os
 import random
@@ -367,3 +368,42 @@ def test_sampling_logprobs_exact_only_in_plain_float32():
         assert not common.sampling_logprobs_exact('float32')
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_open_log_starts_fresh_or_keeps_the_rows_before_the_resume_point(tmp_path):
+    from configurator import UserError
+    rows = [{'step': 0, 'val/loss': 2.0}, {'step': 0, 'train/loss': 2.1}, {'step': 1, 'train/loss': 1.9},
+            {'step': 2, 'val/loss': 1.8}, {'step': 2, 'train/loss': 1.7}]
+    lines = [json.dumps(r) + '\n' for r in rows]
+    path = tmp_path / 'run' / 'log.jsonl'
+
+    def reopen(text, resume_from):
+        path.write_text(text)
+        with common.open_log(str(tmp_path / 'run'), resume_from) as log:
+            log.write('{"step": 9}\n')  # appended after what was kept
+        return path.read_text()
+
+    with common.open_log(str(tmp_path / 'run'), 0) as log:  # the directory is made
+        log.write(lines[0])
+    assert path.read_text() == lines[0]
+    assert reopen(''.join(lines), 0) == '{"step": 9}\n'  # a fresh run in an old run's directory: its own log only
+    assert reopen(''.join(lines), 2) == ''.join(lines[:3]) + '{"step": 9}\n'  # resumed at step 2: steps 0 and 1 kept
+    assert reopen(''.join(lines), 1) == ''.join(lines[:2]) + '{"step": 9}\n'
+    assert reopen(''.join(lines), 5) == ''.join(lines) + '{"step": 9}\n'
+    ppo = [json.dumps({'score': 0.1 * i, 'iter': i}) + '\n' for i in range(4)]  # PPO's rows count iterations
+    assert reopen(''.join(ppo), 3) == ''.join(ppo[:3]) + '{"step": 9}\n'
+    # a kill mid-write tears the last line at most: dropped with the other rows after the checkpoint
+    assert reopen(''.join(lines) + '{"step": 3, "train/lo', 2) == ''.join(lines[:3]) + '{"step": 9}\n'
+    path.unlink()
+    with common.open_log(str(tmp_path / 'run'), 2):  # no log yet: resumed from a checkpoint copied elsewhere
+        pass
+    assert path.read_text() == ''
+    # a whole last row without its newline is a row like any other, and what comes after starts a line of its own
+    assert reopen(lines[0] + '{"step": 1, "train/loss": 1.9}', 2) == lines[0] + '{"step": 1, "train/loss": 1.9}\n{"step": 9}\n'
+    # anything else that is no row is an error naming the file and the line, and the log is left as it was
+    for bad, line in ((lines[0] + 'oops\n' + lines[1], 2), (lines[0] + '{"loss": 1.0}\n', 2), ('[1, 2]\n', 1),
+                      (lines[0] + '{"step": "3"}\n', 2)):
+        path.write_text(bad)
+        with pytest.raises(UserError, match=rf"log\.jsonl, line {line}: not a log row"):
+            common.open_log(str(tmp_path / 'run'), 2)
+        assert path.read_text() == bad

@@ -79,15 +79,16 @@ def test_sft_two_processes_match_one(tmp_path):
     wait(two, tmp_path, 'torchrun', ranks=True)
     assert_rank0_only(tmp_path, tmp_path / 'two', 'sft')
     assert sorted(p.name for p in (tmp_path / 'two').iterdir()) == ['best.pt', 'ckpt.pt', 'log.jsonl']
-    assert_same_run(tmp_path / 'one', tmp_path / 'two', ['train/loss', 'val/loss'], atol=1e-5)
+    assert_same_run(tmp_path / 'one', tmp_path / 'two', ['train/loss', 'grad_norm', 'val/loss'], atol=1e-5)
 
 
 # the reward head's bias adds the same constant to both rewards of a pair, so the Bradley-Terry
 # loss does not depend on it: its gradient is rounding noise, which Adam scales up to steps of the
 # learning rate's size, different on 1 and 2 processes (the centring at the end removes it)
 @pytest.mark.parametrize('script, stage, make_args, keys, free', [
-    ('train_dpo.py', 'dpo', prefs_args, ['train/loss', 'train/rewards/margins', 'val/loss'], ()),
-    ('train_reward_model.py', 'rm', rm_args, ['train/loss', 'train/margin', 'val/loss', 'val/accuracy'], ('scalar_head.bias',))])
+    ('train_dpo.py', 'dpo', prefs_args, ['train/loss', 'train/rewards/margins', 'grad_norm', 'val/loss'], ()),
+    ('train_reward_model.py', 'rm', rm_args, ['train/loss', 'train/margin', 'grad_norm', 'val/loss', 'val/accuracy'],
+     ('scalar_head.bias',))])
 def test_preference_stages_two_processes_match_one(tmp_path, script, stage, make_args, keys, free):
     args = make_args(tmp_path)
     two = torchrun(script, args + ['--micro_batch_size=1', f'--out_dir={tmp_path / "two"}'], tmp_path)
@@ -144,6 +145,11 @@ def test_ppo_logs_global_statistics_and_resumes_exactly(tmp_path):
     for key in ('model', 'value_model'):
         for k in a[key]:
             assert torch.allclose(a[key][k], b[key][k], rtol=0, atol=1e-6), (key, k)
+    # and the same log, row for row (the resumed run kept the rows before its checkpoint)
+    straight_log, resumed_log = read_log(tmp_path / 'straight' / 'log.jsonl'), read_log(tmp_path / 'ppo' / 'log.jsonl')
+    assert [row['iter'] for row in resumed_log] == [0, 1, 2]
+    for a_row, b_row in zip(straight_log, resumed_log, strict=True):
+        assert a_row == pytest.approx(b_row, rel=1e-5, abs=1e-6)
 
 
 def test_offline_gpt2_stops_every_process_with_one_line(tmp_path):

@@ -310,7 +310,8 @@ def test_ppo_iteration_statistics_by_hand(tmp_path, token, n_new):
     # the last position max_new_tokens allows. Resumed from a checkpoint holding that policy (the reference stays the
     # random SFT model), iteration 0's logged numbers follow by hand: the score (the reward model, plus
     # missing_eos_penalty where the response never ended), the KL per sequence (k1, summed over the response, and
-    # k3), and score - kl_coef * KL
+    # k3), score - kl_coef * KL, and the update's gradient norm: one epoch of one minibatch, so one gradient, taken
+    # before any step; the policy's is 0 (its token has probability 1 in float32), which leaves the value loss's
     from common import get_tokenizer, model_from_checkpoint
     from loaders import batch_indices, read_jsonl, tokenize_prompts
     args = make_tiny_world(tmp_path)
@@ -324,22 +325,34 @@ def test_ppo_iteration_statistics_by_hand(tmp_path, token, n_new):
     optimizer = torch.optim.AdamW([*policy.parameters(), *value.parameters()], lr=1e-4, betas=(0.9, 0.95), eps=1e-5)
     save_checkpoint(out / 'ckpt.pt', policy, optimizer, sft_ckpt['model_args'], {}, 'ppo', 0,
                     value_model=value.state_dict(), value_model_args=rm_ckpt['model_args'], kl_coef=0.05)
-    run_script('train_ppo.py', *args, '--max_iters=1', '--init_from=resume', f'--max_new_tokens={n_new}', f'--out_dir={out}')
+    run_script('train_ppo.py', *args, '--max_iters=1', '--init_from=resume', f'--max_new_tokens={n_new}', f'--out_dir={out}',
+               '--mini_batch_size=8', '--ppo_epochs=1')
     (row,) = read_log(out / 'log.jsonl')
 
     enc = get_tokenizer(512)
     prompts = tokenize_prompts(read_jsonl(tmp_path / 'prompts.jsonl', 'rl'), enc, 24)
     ref, reward_model = model_from_checkpoint(sft_ckpt)[0].eval(), model_from_checkpoint(rm_ckpt)[0].eval()
-    scores, k1, k3 = [], [], []
-    with torch.no_grad():
-        for i in batch_indices(len(prompts), 8, 0, 1337):
-            seq = torch.tensor([prompts[i] + [token] * n_new])
-            P = len(prompts[i])
+    value = model_from_checkpoint(rm_ckpt)[0].eval()  # the value model starts as the reward model
+    scores, k1, k3, value_loss = [], [], [], 0.0
+    for i in batch_indices(len(prompts), 8, 0, 1337):
+        seq = torch.tensor([prompts[i] + [token] * n_new])
+        P = len(prompts[i])
+        with torch.no_grad():
             logp = lambda model: torch.log_softmax(model(seq)[0][0, P - 1:-1] / 0.7, -1)[:, token]  # (n_new,)
             log_ratio = logp(policy.eval()) - logp(ref)
             scores.append(reward_model.scores(seq)[0, -1].item() - (0.0 if ended else 1.0))  # never ended: the penalty
             k1.append(log_ratio.sum().item())
             k3.append((torch.exp(-log_ratio) - 1 + log_ratio).sum().item())
+        values = value.scores(seq)[0, P - 1:-1]  # V of each response token's state
+        rewards = -0.05 * log_ratio
+        rewards[-1] += scores[-1]
+        returns, adv, v = torch.zeros(n_new), 0.0, values.detach()
+        for t in reversed(range(n_new)):  # GAE, gamma 1, lambda 0.95, V after the last token 0
+            adv = rewards[t] + (v[t + 1] if t + 1 < n_new else 0.0) - v[t] + 0.95 * adv
+            returns[t] = adv + v[t]
+        value_loss = value_loss + 0.1 * 0.5 * ((values - returns) ** 2).sum() / (8 * n_new)  # vf_coef 0.1, every token
+    value_loss.backward()
+    assert row['grad_norm'] == pytest.approx(math.sqrt(sum(p.grad.double().pow(2).sum().item() for p in value.parameters())), rel=1e-3)
     scores, k1, k3 = torch.tensor(scores), torch.tensor(k1), torch.tensor(k3)
     assert row['response_length'] == n_new and row['ended'] == ended
     assert k1.mean() > 3 * n_new  # the reference finds the token unlikely: a large KL

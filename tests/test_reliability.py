@@ -126,12 +126,6 @@ def kill_after(proc, counter, n_steps, tmp_path, name):
     assert proc.returncode == -signal.SIGKILL
 
 
-def last_values(log):
-    """{(step, key): value} of a log, the last row winning: a resumed run logs again the steps
-    after its checkpoint that the killed run had already logged."""
-    return {(row.get('step', row.get('iter')), k): v for row in log for k, v in row.items()}
-
-
 def assert_close_states(a, b, what):
     assert a.keys() == b.keys(), what
     for k in a:
@@ -146,12 +140,13 @@ def assert_same_optimizer(a, b):
 
 
 # script, its arguments, optimizer steps before the kill (the checkpoint it resumes from is older),
-# seconds of sleep after each optimizer step; dropout makes the RNG state matter
+# seconds of sleep after each optimizer step; dropout makes the RNG state matter. Killed in the step after
+# the checkpoint's: the rows of the checkpoint's step are logged, and the resumed run logs them again
 STAGES = {
-    'sft': ('train_sft.py', lambda p: sft_args(p) + ['--dropout=0.1'], 5, 0.2),  # resumes from step 4 of 8
-    'rm': ('train_reward_model.py', lambda p: rm_args(p) + ['--dropout=0.1'], 5, 0.2),
-    'dpo': ('train_dpo.py', prefs_args, 5, 0.2),
-    'ppo': ('train_ppo.py', ppo_args, 9, 0.1),  # 4 steps per iteration: resumes from iteration 2 of 4
+    'sft': ('train_sft.py', lambda p: sft_args(p) + ['--dropout=0.1'], 6, 0.2),  # resumes from step 4 of 8
+    'rm': ('train_reward_model.py', lambda p: rm_args(p) + ['--dropout=0.1'], 6, 0.2),
+    'dpo': ('train_dpo.py', prefs_args, 6, 0.2),
+    'ppo': ('train_ppo.py', ppo_args, 13, 0.1),  # 4 steps per iteration: resumes from iteration 2 of 4
 }
 
 
@@ -171,7 +166,9 @@ def test_resume_after_sigkill_matches_straight_run(tmp_path, stage):
         killed.kill()
         assert straight.wait(timeout=240) == 0, output(tmp_path, 'straight')
     a = torch.load(straight_dir / 'ckpt.pt', weights_only=True)
-    assert 0 < torch.load(killed_dir / 'ckpt.pt', weights_only=True)['step'] < a['step']  # the resume starts mid-way
+    resume_from = torch.load(killed_dir / 'ckpt.pt', weights_only=True)['step']
+    assert 0 < resume_from < a['step']  # the resume starts mid-way
+    assert max(row.get('step', row.get('iter')) for row in read_log(killed_dir / 'log.jsonl')) >= resume_from  # rows to redo
 
     # resume the killed run; and side by side the finished one (killed after its last save, say): a no-op
     resumed = start(run(killed_dir, '--init_from=resume'), tmp_path, 'resumed')
@@ -189,12 +186,12 @@ def test_resume_after_sigkill_matches_straight_run(tmp_path, stage):
     if stage == 'ppo':
         assert_close_states(a['value_model'], b['value_model'], 'value model')
         assert a['kl_coef'] == b['kl_coef']
-    # the log: every line whole (the kill tore none), and the same numbers step by step
-    straight_log = last_values(read_log(straight_dir / 'log.jsonl'))
-    resumed_log = last_values(read_log(killed_dir / 'log.jsonl'))
-    assert straight_log.keys() == resumed_log.keys()
-    for key, v in straight_log.items():
-        assert v == pytest.approx(resumed_log[key], rel=1e-5, abs=1e-6), key
+    # the log: the resumed run dropped the rows after its checkpoint and redid them, so it reads like the straight
+    # run's, row for row (which the no-op resume left as it was), the same numbers step by step
+    straight_log, resumed_log = read_log(straight_dir / 'log.jsonl'), read_log(killed_dir / 'log.jsonl')
+    assert [list(row) for row in straight_log] == [list(row) for row in resumed_log]
+    for a_row, b_row in zip(straight_log, resumed_log):
+        assert a_row == pytest.approx(b_row, rel=1e-5, abs=1e-6)
 
 # -----------------------------------------------------------------------------
 # non-finite numbers
@@ -396,8 +393,9 @@ def test_resume_compares_with_the_best_val_it_resumes_with(tmp_path, script, mak
         assert best['reward_offset'] == pytest.approx(old['reward_offset'], abs=1e-5)
     else:
         assert best_path.read_bytes() == best_before
-    resumed = [row['val/loss'] for row in read_log(tmp_path / 'out' / 'log.jsonl') if 'val/loss' in row and not row.get('final')][3:]
-    assert len(resumed) == 3 and all(v > 0.1 for v in resumed), resumed  # steps 4, 6, 8: their own losses
+    evals = [(row['step'], row['val/loss']) for row in read_log(tmp_path / 'out' / 'log.jsonl') if 'val/loss' in row and not row.get('final')]
+    assert [step for step, _ in evals] == [0, 2, 4, 6, 8]  # step 4's eval: the resumed run's, which redid it
+    assert all(v > 0.1 for _, v in evals[2:]), evals  # their own losses
 
 
 # runs a script whose gradients are NaN once: at the n-th gradient clipping (one per optimizer step), the last

@@ -365,6 +365,19 @@ def sft_nll(model, examples, eot):
     return (-logprobs.sum() / (targets >= 0).sum()).item()
 
 
+def grad_norm(model, loss):
+    """The norm of loss's gradient over all of model's parameters: the norm clip_grad_norm_ takes, before clipping."""
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return math.sqrt(sum(p.grad.double().pow(2).sum().item() for p in model.parameters() if p.grad is not None))
+
+
+def sft_grad_norm(model, examples, eot):
+    seq, targets, _ = collate(examples, eot)
+    logprobs, _ = model.eval()(seq[:, :-1], targets)
+    return grad_norm(model, -logprobs.sum() / (targets >= 0).sum())
+
+
 def test_sft_logged_losses_and_learning_rates_by_hand(world):
     # a learning rate of 1e-9: the weights hardly move, so every logged train loss is the final model's loss
     # on that step's batch (batch_indices over the first train_subset examples, whatever the micro-batches),
@@ -388,6 +401,7 @@ def test_sft_logged_losses_and_learning_rates_by_hand(world):
     for row in rows:
         batch = [train[j] for j in batch_indices(40, 8, row['step'], 1337)]
         assert row['train/loss'] == pytest.approx(sft_nll(model, batch, enc.eot_token), rel=1e-5), row
+        assert row['grad_norm'] == pytest.approx(sft_grad_norm(model, batch, enc.eot_token), rel=1e-4), row
         assert row['lr'] == pytest.approx(get_lr(row['step'], 1e-9, 2, 4, 0.1), rel=1e-12), row
     assert ckpt['optimizer']['param_groups'][0]['lr'] == pytest.approx(get_lr(3, 1e-9, 2, 4, 0.1), rel=1e-12)  # the last step's
     evals = [row for row in log if 'val/loss' in row]
@@ -465,6 +479,11 @@ def test_reward_model_logged_metrics_by_hand(world, tmp_path):
         want = rm_metrics(final_model, [pairs[j] for j in idx], None)
         assert {k: row[f'train/{k}'] for k in want} == pytest.approx(want, rel=1e-4, abs=2e-4), row
         assert row['lr'] == pytest.approx(get_lr(row['step'], 1e-9, 2, 3, 0.1), rel=1e-12)
+        # the gradient norm of the batch's mean loss
+        seq, _, lengths = collate([(p, c) for p, c, _ in (pairs[j] for j in idx)] + [(p, r) for p, _, r in (pairs[j] for j in idx)],
+                                  enc.eot_token)
+        chosen, rejected = rm.last_token_rewards(final_model.eval(), seq, lengths).split(len(idx))
+        assert row['grad_norm'] == pytest.approx(grad_norm(final_model, -F.logsigmoid(chosen - rejected).mean()), rel=1e-3), row
     evals = [row for row in log if 'val/loss' in row]
     assert [(row['step'], row.get('final', False)) for row in evals] == [(0, False), (3, False), (3, True)]
     for row, n in ((evals[0], 8), (evals[2], 32)):  # best.pt: the final weights (centring shifts no difference)
@@ -502,13 +521,22 @@ def test_dpo_logged_metrics_by_hand_with_precomputed_reference(world, tmp_path):
             chosen, rejected = dpo.sequence_logps(sft_model.eval(), seq, targets).split(len(pairs))
         return {'logps/chosen': chosen.mean().item(), 'logps/rejected': rejected.mean().item(), 'loss': LN2,
                 'rewards/chosen': 0.0, 'rewards/rejected': 0.0, 'rewards/margins': 0.0}
+
+    def dpo_grad_norm(pairs):  # of the batch's mean loss, the policy (the SFT model's weights) against its own reference
+        policy, _ = model_from_checkpoint(torch.load(world / 'sft.pt', weights_only=True))
+        seq, targets, _ = collate([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], enc.eot_token)
+        chosen, rejected = dpo.sequence_logps(policy.eval(), seq, targets).split(len(pairs))
+        h = (chosen - chosen.detach()) - (rejected - rejected.detach())  # log-ratio margins: 0, with a gradient
+        return grad_norm(policy, -F.logsigmoid(0.5 * h).mean())  # beta 0.5
     train = tokenize_prefs(read_jsonl(str(world / 'prefs.jsonl'), 'prefs'), enc, 64)[:24]
     val = tokenize_prefs(read_jsonl(str(val_file), 'prefs'), enc, 64)
     rows = [row for row in log if 'train/loss' in row]
     assert [row['step'] for row in rows] == [0, 1, 2]
     for row in rows:
-        want = logps([train[j] for j in batch_indices(24, 8, row['step'], 1337)])
+        batch = [train[j] for j in batch_indices(24, 8, row['step'], 1337)]
+        want = logps(batch)
         assert {k: row[f'train/{k}'] for k in want} == pytest.approx(want, rel=1e-5, abs=1e-4), row
+        assert row['grad_norm'] == pytest.approx(dpo_grad_norm(batch), rel=1e-3), row
         assert row['lr'] == pytest.approx(get_lr(row['step'], 1e-9, 1, 3, 0.1), rel=1e-12)
     evals = [row for row in log if 'val/loss' in row]
     assert [row['step'] for row in evals] == [0, 3]

@@ -262,16 +262,19 @@ def test_frontier_curves(tmp_path, kind):
     with open(run / 'log.jsonl', 'w') as f:
         for i in range(20):
             if kind == 'ppo':
-                f.write(json.dumps({'score': 0.1 * i, 'kl': 0.3 * i, 'gold': 0.2 + 0.01 * i, 'iter': i}) + '\n')
+                f.write(json.dumps({'score': 0.1 * i, 'kl': 0.3 * i, 'gold': 0.2 + 0.01 * i, 'grad_norm': 1.0, 'iter': i}) + '\n')
             else:
                 if i % 5 == 0:
                     f.write(json.dumps({'step': i, 'val/loss': 0.7 - 0.01 * i, 'val/rewards/accuracies': 0.5}) + '\n')
-                f.write(json.dumps({'step': i, 'train/loss': 0.69 - 0.01 * i, 'train/rewards/accuracies': 0.6}) + '\n')
+                f.write(json.dumps({'step': i, 'train/loss': 0.69 - 0.01 * i, 'train/rewards/accuracies': 0.6,
+                                    **({'grad_norm': 2.0} if i >= 10 else {})}) + '\n')  # logs before grad_norm have none
     p = run_script('frontier.py', f'--curves={run}', timeout=60)
     check_png(run / 'curves.png')
     if kind == 'ppo':
-        want = ['score (20 points, iter 0-19)', 'kl (20 points, iter 0-19)', 'gold (20 points, iter 0-19)']
+        want = ['score (20 points, iter 0-19)', 'kl (20 points, iter 0-19)', 'gold (20 points, iter 0-19)',
+                'grad_norm (20 points, iter 0-19)']
     else:
         want = ['train/loss (20 points, step 0-19)', 'val/loss (4 points, step 0-15)',
-                'train/rewards/accuracies (20 points, step 0-19)', 'val/rewards/accuracies (4 points, step 0-15)']
+                'train/rewards/accuracies (20 points, step 0-19)', 'val/rewards/accuracies (4 points, step 0-15)',
+                'grad_norm (10 points, step 10-19)']
     assert f"wrote {run / 'curves.png'}: {', '.join(want)}" in p.stdout
