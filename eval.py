@@ -1,5 +1,6 @@
 """
-Score checkpoints against the built-in world's gold judge on held-out prompts.
+Score checkpoints against the built-in world's gold judge on held-out prompts (or, on real data
+such as HH-RLHF, which has no gold judge, with the learned reward model alone).
 
 For each checkpoint: sample one response per held-out prompt (fixed seed, the same temperature for
 every model), judge it with data/tinyhh/world.py, and report
@@ -15,12 +16,18 @@ every model), judge it with data/tinyhh/world.py, and report
   ended       responses closed by <|endoftext|>
   length      mean response length in tokens
   rm          the learned reward model's mean score (with --rm_ckpt)
+  rm_win      the reward model's win rate against the baseline's answer: the share of prompts where it
+              scores the model's answer higher, among those where the two scores differ. PPO maximised
+              this very reward model, so its rm and rm_win can rise where gold does not (compare win)
   kl          KL to the baseline: the mean over prompts of sum_t log pi(y_t) - log pi_base(y_t)
               over the sampled response, both at the sampling temperature
 The first row, 'crowd', judges the held-out SFT demonstrations themselves: what imitation aims at.
+With gold_judge='' only ended, length, kl, rm and rm_win are reported: no ground truth, the reward
+model as a proxy for it (the DPO paper judged HH-RLHF answers with GPT-4 instead; no API here).
 
     python eval.py                                        # SFT, PPO and DPO of the main pipeline
     python eval.py --ckpts=out/sft/best.pt,out/frontier/ppo_kl0.1/ckpt.pt --out_json=out/eval_kl.json
+    python eval.py config/eval_gpt2_hh.py                 # GPT-2 on HH-RLHF: the reward model judges
 """
 import json
 import os
@@ -28,18 +35,20 @@ import time
 
 import torch
 
-from common import (check_device, decode_response, default_device, encode_prompt, get_tokenizer, model_from_checkpoint,
+from common import (check_device, decode_response, default_device, encode_response, get_tokenizer, model_from_checkpoint,
                     require_checkpoint, require_reward_model)
 from configurator import check, configure
 from data.tinyhh.world import analyze, mean, rates
-from loaders import collate, read_jsonl, spread
+from loaders import collate, read_jsonl, spread, tokenize_prompts, tokenize_sft
 
 # -----------------------------------------------------------------------------
 # default config values
 ckpts = 'out/sft/best.pt,out/ppo/ckpt.pt,out/dpo/best.pt'  # checkpoints to evaluate, comma-separated
 baseline = 'out/sft/best.pt'                  # win rates and KL are measured against this checkpoint
 rm_ckpt = 'out/rm/best.pt'                    # the learned reward model, to report its score too ('' = no)
+gold_judge = 'tinyhh'                         # 'tinyhh': the built-in world's judge | '': none (real data; rm_ckpt judges)
 prompt_file = 'data/tinyhh/eval_prompts.jsonl'  # held-out prompts
+max_prompt_len = 0                            # prompt tokens kept (the end of a longer one); 0: block_size - max_new_tokens
 crowd_file = 'data/tinyhh/sft_val.jsonl'      # demonstrations judged as the 'crowd' row ('' = no)
 n_prompts = 0                                 # N prompts spread evenly over prompt_file: every kind keeps its share (0: all)
 temperature = 0.7                             # sampling temperature for every model (PPO's default)
@@ -55,6 +64,9 @@ config = configure(globals())
 POLICY_STAGES = ('sft', 'ppo', 'dpo')  # checkpoints that generate; a reward model's lm head was never trained
 check(temperature > 0, "temperature must be > 0: the KL is measured on samples")
 check(n_prompts >= 0, "n_prompts must be >= 0 (0: all)")
+check(gold_judge in ('tinyhh', ''), f"gold_judge must be 'tinyhh' or '' (none), got {gold_judge!r}")
+check(gold_judge or rm_ckpt, "with no gold judge (gold_judge='') the reward model is the only judge: set rm_ckpt")
+check(max_prompt_len >= 0 and max_new_tokens > 0, "max_prompt_len must be >= 0 (0: what block_size leaves), max_new_tokens > 0")
 check_device(device)
 torch.set_grad_enabled(False)
 
@@ -71,20 +83,38 @@ def load(path, stages):
 
 
 def sample(model, enc):
-    """One response per prompt: (texts, ended flags, token lists, prompt token lists)."""
+    """One response per prompt: (texts, ended flags, token lists)."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    texts, ended, responses, prompts = [], [], [], []
-    for i in range(0, len(questions), batch_size):
-        batch = [encode_prompt(enc, q) for q in questions[i:i + batch_size]]
-        seq, _, _, response_mask = model.generate(batch, max_new_tokens, enc.eot_token, temperature, generator=gen)
+    texts, ended, responses = [], [], []
+    for i in range(0, len(prompts), batch_size):
+        seq, _, _, response_mask = model.generate(prompts[i:i + batch_size], max_new_tokens, enc.eot_token, temperature,
+                                                  generator=gen)
         P = seq.size(1) - response_mask.size(1)
         for row, n in zip(seq[:, P:].tolist(), response_mask.sum(1).tolist()):
             tokens = row[:n]
             responses.append(tokens)
             ended.append(tokens[-1] == enc.eot_token)
             texts.append(decode_response(enc, tokens))
-        prompts += batch
-    return texts, ended, responses, prompts
+    return texts, ended, responses
+
+
+def judge(texts, ended, responses):
+    """Each answer's gold score (None without a gold judge) and reward-model score (None without one), and the
+    table's row: the gold judge's rates, ended, length, rm."""
+    analyses = [analyze(q, t, e) for q, t, e in zip(questions, texts, ended)] if gold_judge else None
+    row = rates(analyses) if gold_judge else {'ended': mean(ended)}
+    row['length'] = mean([len(r) for r in responses])
+    rm = reward_model_scores(reward_model, prompts, responses) if reward_model is not None else None
+    if rm is not None:
+        row['rm'] = mean(rm)
+    return [a['score'] for a in analyses] if gold_judge else None, rm, row
+
+
+def win_rates(scores, base_scores, margin):
+    """(wins / (wins + losses), ties): a tie is a difference below margin (margin 0: an equal score)."""
+    diff = torch.tensor(scores, dtype=torch.float64) - torch.tensor(base_scores, dtype=torch.float64)
+    wins, losses = ((diff >= margin) & (diff != 0)).sum().item(), ((diff <= -margin) & (diff != 0)).sum().item()
+    return (wins / (wins + losses) if wins + losses else None), 1 - (wins + losses) / len(diff)
 
 
 def sequence_logprobs(model, prompts, responses):
@@ -107,55 +137,61 @@ def reward_model_scores(model, prompts, responses):
 
 # -----------------------------------------------------------------------------
 t0 = time.time()
-results, answers = {}, {}  # name -> metrics; name -> (gold scores, texts)
-if crowd_file:
-    crowd = read_jsonl(crowd_file, 'sft')
-    results['crowd'] = rates([analyze(r['prompt'], r['response']) for r in crowd])
 base_model, base_args, _ = load(baseline, POLICY_STAGES)
 enc = get_tokenizer(base_args['vocab_size'])
+max_prompt_len = max_prompt_len or base_args['block_size'] - max_new_tokens
+check(0 < max_prompt_len <= base_args['block_size'] - max_new_tokens,
+      f"max_prompt_len {max_prompt_len} + max_new_tokens {max_new_tokens} must fit in block_size {base_args['block_size']}")
+prompts = tokenize_prompts(records, enc, max_prompt_len, prompt_file)
 reward_model = load(rm_ckpt, 'rm')[0] if rm_ckpt else None
+results, answers = {}, {}  # name -> metrics; name -> (gold scores, reward-model scores, texts)
+if crowd_file:  # the demonstrations: their gold rates, length and reward-model score
+    crowd = read_jsonl(crowd_file, 'sft')
+    results['crowd'] = rates([analyze(r['prompt'], r['response']) for r in crowd]) if gold_judge else {}
+    results['crowd']['length'] = mean([len(encode_response(enc, r['response'])) for r in crowd])
+    if reward_model is not None:  # on (prompt, response) cut to block_size, as the reward model saw its pairs
+        examples = tokenize_sft(crowd, enc, base_args['block_size'], crowd_file)
+        results['crowd']['rm'] = mean(reward_model_scores(reward_model, *zip(*examples)))
 for path in ckpts.split(','):
     model, args, stage = load(path, POLICY_STAGES)
     check(args['vocab_size'] == base_args['vocab_size'], f"{path} and {baseline} use different vocabularies")
     name = stage if stage not in results else f"{stage}:{path}"
-    texts, ended, responses, prompts = sample(model, enc)
-    analyses = [analyze(q, t, e) for q, t, e in zip(questions, texts, ended)]
-    row = rates(analyses)
-    row['length'] = mean([len(r) for r in responses])
+    texts, ended, responses = sample(model, enc)
+    gold, rm, results[name] = judge(texts, ended, responses)
     kl = sequence_logprobs(model, prompts, responses) - sequence_logprobs(base_model, prompts, responses)
-    row['kl'] = kl.mean().item()
-    if reward_model is not None:
-        row['rm'] = mean(reward_model_scores(reward_model, prompts, responses))
-    results[name], answers[name] = row, ([a['score'] for a in analyses], texts)
+    results[name]['kl'] = kl.mean().item()
+    answers[name] = (gold, rm, texts)
     if path == baseline:
-        base_gold = answers[name][0]
+        base_gold, base_rm, _ = answers[name]
 if baseline not in ckpts.split(','):  # judge the baseline's own answers, same seed
-    texts, ended, _, _ = sample(base_model, enc)
-    base_gold = [analyze(q, t, e)['score'] for q, t, e in zip(questions, texts, ended)]
-for name, (gold, texts) in answers.items():
-    diff = torch.tensor(gold, dtype=torch.float64) - torch.tensor(base_gold, dtype=torch.float64)
-    wins, losses = (diff >= tie_margin).sum().item(), (diff <= -tie_margin).sum().item()  # a tie: |diff| < tie_margin
-    results[name]['ties'] = 1 - (wins + losses) / len(gold)
-    if wins + losses:  # all ties (the baseline against itself): no win rate, the table prints '-'
-        results[name]['win'] = wins / (wins + losses)
-    if (diff != 0).any():
-        results[name]['win_strict'] = (diff > 0).sum().item() / (diff != 0).sum().item()
+    base_gold, base_rm, _ = judge(*sample(base_model, enc))
+for name, (gold, rm, texts) in answers.items():  # None: all ties (the baseline against itself), the table prints '-'
+    wins = {}
+    if gold_judge:
+        wins['win'], results[name]['ties'] = win_rates(gold, base_gold, tie_margin)
+        wins['win_strict'], _ = win_rates(gold, base_gold, 0.0)
+    if rm is not None:
+        wins['rm_win'], _ = win_rates(rm, base_rm, 0.0)
+    results[name].update({k: v for k, v in wins.items() if v is not None})
 
 # -----------------------------------------------------------------------------
 # the table, the JSON, a few answers side by side
 cols = ['gold', 'win', 'win_strict', 'facts', 'refuse_harm', 'needless', 'honest', 'ended', 'kl', 'length', 'rm',
-        'gold_helpful', 'gold_harmful', 'gold_unknowable']
-print(f"\n{len(questions)} held-out prompts, temperature {temperature}, seed {seed}; win and kl against {baseline}")
+        'rm_win', 'gold_helpful', 'gold_harmful', 'gold_unknowable'] if gold_judge else ['rm', 'rm_win', 'kl', 'length', 'ended']
+print(f"\n{len(questions)} held-out prompts, temperature {temperature}, seed {seed}; win rates and kl against {baseline}"
+      + ('' if gold_judge else f"; no gold judge: {rm_ckpt} judges"))
 print(f"{'':>8} " + ' '.join(f"{c:>11}" for c in cols))
 for name, row in results.items():
     print(f"{name[:8]:>8} " + ' '.join(f"{row[c]:>11.3f}" if c in row else f"{'-':>11}" for c in cols))
 os.makedirs(os.path.dirname(out_json) or '.', exist_ok=True)
 with open(out_json, 'w') as f:
-    json.dump({'config': config, 'results': results,
-               'samples': {name: texts[:50] for name, (_, texts) in answers.items()}, 'prompts': questions[:50]}, f, indent=1)
+    json.dump({'config': config, 'results': results, 'prompts': questions[:50],
+               'samples': {name: texts[:50] for name, (_, _, texts) in answers.items()},
+               'scores': {name: {'gold': gold[:50] if gold else None, 'rm': rm[:50] if rm else None}
+                          for name, (gold, rm, _) in answers.items()}}, f, indent=1)
 step = max(1, len(questions) // n_samples)
 for i in range(0, min(step * n_samples, len(questions)), step):  # fewer prompts than n_samples: each once
     print(f"\nHuman: {questions[i]}")
-    for name, (gold, texts) in answers.items():
-        print(f"  {name:>8} [{gold[i]:+.2f}] {texts[i]}")
+    for name, (gold, rm, texts) in answers.items():  # [the gold score] or, without a gold judge, [the reward model's]
+        print(f"  {name:>8} [{(gold if gold_judge else rm)[i]:+.2f}] {texts[i]}")
 print(f"\nwrote {out_json} ({time.time() - t0:.0f} s)")

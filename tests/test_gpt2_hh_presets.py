@@ -6,6 +6,7 @@ Hugging Face saves one (init_from=<that directory> in place of 'gpt2', which dow
 and paths are overridden (steps, batches, data files, out_dir), so every other key of every preset
 is checked against its script, and the checkpoints carry the presets' values.
 """
+import json
 import math
 
 import pytest
@@ -81,3 +82,24 @@ def test_gpt2_hh_presets_run_in_order(hh):
     run_script('train_dpo.py', 'config/dpo_gpt2_hh.py', f'--out_dir={tmp}/dpo', *prefs)
     check_run(tmp / 'dpo' / 'best.pt', tmp / 'dpo' / 'log.jsonl', 'dpo_gpt2_hh.py',
               ['beta', 'loss_type', 'block_size', 'learning_rate'])
+
+    # the evaluation preset: no gold judge, so the reward model judges; rows and columns of that kind only
+    p = run_script('eval.py', 'config/eval_gpt2_hh.py', f'--ckpts={tmp}/sft/best.pt,{tmp}/ppo/ckpt.pt,{tmp}/dpo/best.pt',
+                   f'--baseline={tmp}/sft/best.pt', f'--rm_ckpt={tmp}/rm/best.pt', f'--prompt_file={data}/sft_test.jsonl',
+                   f'--crowd_file={data}/sft_test.jsonl', '--n_prompts=3', '--max_new_tokens=4', '--device=cpu',
+                   f'--out_json={tmp}/eval_hh.json')
+    out = json.loads((tmp / 'eval_hh.json').read_text())
+    assert all(out['config'][k] == v for k, v in preset_values('eval_gpt2_hh.py').items()
+               if k not in ('ckpts', 'baseline', 'rm_ckpt', 'prompt_file', 'crowd_file', 'n_prompts', 'max_new_tokens', 'out_json'))
+    assert list(out['results']) == ['crowd', 'sft', 'ppo', 'dpo'] and len(out['prompts']) == 3
+    assert set(out['results']['crowd']) == {'length', 'rm'}
+    # two steps at the presets' learning rates leave PPO and DPO sampling the SFT model's answers (the same seed):
+    # every reward-model score ties with the baseline's, so there is no win rate (eval.py's arithmetic is checked
+    # by hand in test_sample_frontier.py)
+    for name in ('sft', 'ppo', 'dpo'):
+        row = out['results'][name]
+        assert set(row) == {'ended', 'length', 'kl', 'rm'} and all(math.isfinite(v) for v in row.values()), row
+        assert out['samples'][name] == out['samples']['sft'] and out['scores'][name]['gold'] is None
+        assert row['rm'] == pytest.approx(sum(out['scores'][name]['rm']) / 3)
+    assert f"no gold judge: {tmp}/rm/best.pt judges" in p.stdout
+    assert p.stdout.split('\n\n')[1].split('\n')[1].split() == ['rm', 'rm_win', 'kl', 'length', 'ended']

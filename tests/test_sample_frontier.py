@@ -77,17 +77,25 @@ def test_eval_baseline_row_has_no_win_rate(tmp_path):
     assert sft_row[1 + header.index('win')] == '-' and sft_row[1 + header.index('win_strict')] == '-'
 
 
-def test_eval_refuses_checkpoints_of_the_wrong_stage(tmp_path):
+def test_eval_refuses_wrong_checkpoints_and_settings_and_cuts_long_prompts(tmp_path):
     sft = tiny_lm(tmp_path / 'sft.pt')
     rm = GPT(GPTConfig(**ARGS, scalar_head=True))
     save_checkpoint(tmp_path / 'rm.pt', rm, None, dict(ARGS, scalar_head=True), {}, 'rm', 0, reward_offset=0.0)
     save_checkpoint(tmp_path / 'rm_uncentred.pt', rm, None, dict(ARGS, scalar_head=True), {}, 'rm', 0)
     for args, message in [([f'--ckpts={tmp_path / "rm.pt"}', '--rm_ckpt='], "stage 'rm', expected ('sft', 'ppo', 'dpo')"),
                           ([f'--ckpts={sft}', f'--rm_ckpt={sft}'], "stage 'sft', expected 'rm'"),
-                          ([f'--ckpts={sft}', f'--rm_ckpt={tmp_path / "rm_uncentred.pt"}'], 'before it centred the rewards')]:
+                          ([f'--ckpts={sft}', f'--rm_ckpt={tmp_path / "rm_uncentred.pt"}'], 'before it centred the rewards'),
+                          ([f'--ckpts={sft}', '--gold_judge=', '--rm_ckpt='], 'the reward model is the only judge: set rm_ckpt'),
+                          ([f'--ckpts={sft}', '--gold_judge=gpt4'], "gold_judge must be 'tinyhh' or '' (none), got 'gpt4'"),
+                          ([f'--ckpts={sft}', '--rm_ckpt=', '--max_prompt_len=61'],
+                           'max_prompt_len 61 + max_new_tokens 4 must fit in block_size 64')]:
         p = run_script('eval.py', *EVAL_ARGS, *args, f'--baseline={sft}', f'--out_json={tmp_path / "e.json"}',
                        check=False, timeout=60)
         assert p.returncode == 2 and message in p.stderr and 'Traceback' not in p.stderr, p.stderr[-1000:]
+    # a prompt longer than max_prompt_len keeps its end, and the cut is reported
+    p = run_script('eval.py', *EVAL_ARGS, f'--ckpts={sft}', '--rm_ckpt=', '--max_prompt_len=8', f'--baseline={sft}',
+                   f'--out_json={tmp_path / "e.json"}', timeout=60)
+    assert f"{ROOT}/tests/fixtures/eval_prompts_3.jsonl: 3 of 3 examples truncated to 8 tokens" in p.stdout, p.stdout
 
 
 # eval.py's arithmetic against numbers worked out here: the gold judge's scores are set by hand (the
@@ -131,8 +139,11 @@ def test_eval_win_rate_ties_kl_and_reward_by_hand(tmp_path):
     # gold differences dpo - sft: +0.5 (a win), -0.5 (a loss), +0.125 (inside tie_margin: a tie), +0.25 (exactly
     # tie_margin: a win, since a tie is a difference below it, as the reward model's clear pairs count it)
     scores = dict(zip(QUESTIONS, [(0.25, 0.75), (0.875, 0.375), (0.5, 0.625), (0.5, 0.75)]))
+    crowd = [json.loads(line) for line in (ROOT / 'tests' / 'fixtures' / 'eval_prompts_3.jsonl').open()]
+    (tmp_path / 'crowd.jsonl').write_text(''.join(json.dumps({'prompt': r['prompt'], 'response': r['reference']}) + '\n'
+                                                  for r in crowd))
     p = run_python(['-c', EVAL_HAND_SCORED.format(scores=scores), f'--prompt_file={prompt_file(tmp_path)}',
-                    '--crowd_file=', '--max_new_tokens=4', '--device=cpu', f'--ckpts={sft},{dpo}', f'--baseline={sft}',
+                    f'--crowd_file={tmp_path / "crowd.jsonl"}', '--max_new_tokens=4', '--device=cpu', f'--ckpts={sft},{dpo}', f'--baseline={sft}',
                     f'--rm_ckpt={tmp_path / "rm.pt"}', '--tie_margin=0.25', f'--out_json={tmp_path / "eval.json"}'],
                    timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -162,9 +173,26 @@ def test_eval_win_rate_ties_kl_and_reward_by_hand(tmp_path):
     assert len(set(len(encode_prompt(enc, q)) for q in QUESTIONS)) > 1  # the batch is padded
     assert row['kl'] == pytest.approx(sum(kl) / len(kl), rel=1e-4) and row['kl'] > 1
     assert row['rm'] == pytest.approx(sum(reward) / len(reward), rel=1e-4, abs=1e-5)
+    # rm_win: the reward model's win rate against the SFT model's answer to the same prompt, per-prompt scores
+    # (eval.json keeps them, the gold and the reward model's); the SFT model's four random tokens score otherwise
+    scores_out = json.loads((tmp_path / 'eval.json').read_text())['scores']
+    assert scores_out['dpo']['gold'] == [scores[q][True] for q in QUESTIONS]
+    assert scores_out['dpo']['rm'] == pytest.approx(reward, rel=1e-4, abs=1e-5)
+    base = scores_out['sft']['rm']
+    assert results['sft']['rm'] == pytest.approx(sum(base) / 4) and all(a != b for a, b in zip(reward, base))
+    assert row['rm_win'] == sum(a > b for a, b in zip(scores_out['dpo']['rm'], base)) / 4
+    assert 0 < row['rm_win'] < 1 and 'rm_win' not in results['sft']  # against itself: all ties, no win rate
+    # the crowd's reward: at the last token of each demonstration, cut to block_size as training cuts it
+    from loaders import tokenize_sft
+    examples = tokenize_sft([{'prompt': r['prompt'], 'response': r['reference']} for r in crowd], enc, ARGS['block_size'])
+    assert max(len(p) + len(r) for p, r in examples) == ARGS['block_size']  # some were cut
+    with torch.no_grad():
+        crowd_rm = [rm(torch.tensor([p + r]))[0][0, -1].item() for p, r in examples]
+    assert results['crowd']['rm'] == pytest.approx(sum(crowd_rm) / len(crowd_rm), rel=1e-4, abs=1e-5)
 
 
 def test_eval_spreads_prompts_names_rows_and_judges_the_crowd(tmp_path):
+    from common import encode_response, get_tokenizer
     from data.tinyhh.world import analyze, rates
     sft = tiny_lm(tmp_path / 'sft.pt')
     (tmp_path / 'again').mkdir()
@@ -178,7 +206,11 @@ def test_eval_spreads_prompts_names_rows_and_judges_the_crowd(tmp_path):
     out = json.loads((tmp_path / 'eval.json').read_text())
     assert out['prompts'] == [QUESTIONS[0], QUESTIONS[2]]  # 2 of 4, spread over the file
     assert list(out['results']) == ['crowd', 'sft', f'sft:{again}']  # a taken stage name gets the path
-    assert out['results']['crowd'] == pytest.approx(rates([analyze(r['prompt'], r['response']) for r in crowd]))
+    # the crowd: the gold judge's rates of the demonstrations, and their length in tokens (<|endoftext|> counted)
+    enc = get_tokenizer(ARGS['vocab_size'])
+    length = sum(len(encode_response(enc, r['response'])) for r in crowd) / len(crowd)
+    assert out['results']['crowd'] == pytest.approx(dict(rates([analyze(r['prompt'], r['response']) for r in crowd]),
+                                                         length=length))
     # every model samples with the same seed: the same weights give the same answers, all ties, no KL
     assert out['samples']['sft'] == out['samples'][f'sft:{again}'] and len(out['samples']['sft']) == 2
     assert out['results'][f'sft:{again}']['ties'] == 1.0 and out['results'][f'sft:{again}']['kl'] == 0.0
@@ -278,3 +310,14 @@ def test_frontier_curves(tmp_path, kind):
                 'train/rewards/accuracies (20 points, step 0-19)', 'val/rewards/accuracies (4 points, step 0-15)',
                 'grad_norm (10 points, step 10-19)']
     assert f"wrote {run / 'curves.png'}: {', '.join(want)}" in p.stdout
+
+
+def test_eval_win_rates_count_ties_by_the_margin():
+    from scripts import function_defs
+    (win_rates,) = function_defs('eval.py', 'win_rates')
+    diffs = [0.25, -0.5, 0.125, 0.0, 0.3, -0.1]  # model - baseline
+    scores, base = [1.0 + d for d in diffs], [1.0] * 6
+    assert win_rates(scores, base, 0.25) == pytest.approx((2 / 3, 0.5))  # 0.25 and 0.3 win, -0.5 loses; the rest tie
+    assert win_rates(scores, base, 0.0) == pytest.approx((3 / 5, 1 / 6))  # margin 0: only the equal pair ties
+    assert win_rates(base, base, 0.0) == (None, 1.0)  # all ties: no win rate
+    assert win_rates([1e-12], [0.0], 0.0) == (1.0, 0.0)  # any difference counts at margin 0
