@@ -166,3 +166,27 @@ def test_offline_gpt2_stops_every_process_with_one_line(tmp_path):
                           (1, 'error: gpt2: the download failed in another process (its error says why)')):
         err = rank_output(tmp_path, rank, 'logs')[1]
         assert message in err and 'Traceback' not in err, (rank, err)
+
+
+def test_sft_with_dropout_resumes_exactly_under_ddp(tmp_path):
+    # dropout masks come from (seed, step, rank), so a run resumed under torchrun draws each rank's own masks again
+    # (a checkpoint holds rank 0's random state only). A constant learning rate (no warmup, min_lr_ratio 1) makes 2
+    # steps resumed to 4 the same training as 4 straight steps
+    args = sft_args(tmp_path) + ['--dropout=0.1', '--warmup_steps=0', '--min_lr_ratio=1.0', '--learning_rate=1e-2',
+                                 '--eval_interval=2', '--micro_batch_size=1']
+    first = torchrun('train_sft.py', args + ['--max_steps=2', f'--out_dir={tmp_path / "resumed"}'], tmp_path, 'first')
+    straight = torchrun('train_sft.py', args + ['--max_steps=4', f'--out_dir={tmp_path / "straight"}'], tmp_path, 'straight')
+    wait(first, tmp_path, 'first', ranks=True)
+    resumed = torchrun('train_sft.py', args + ['--max_steps=4', f'--out_dir={tmp_path / "resumed"}', '--init_from=resume'],
+                       tmp_path, 'resumed')
+    wait(straight, tmp_path, 'straight', ranks=True)
+    wait(resumed, tmp_path, 'resumed', ranks=True)
+    a = torch.load(tmp_path / 'straight' / 'ckpt.pt', weights_only=True)
+    b = torch.load(tmp_path / 'resumed' / 'ckpt.pt', weights_only=True)
+    assert a['step'] == b['step'] == 4
+    for k in a['model']:
+        assert torch.allclose(a['model'][k], b['model'][k], rtol=0, atol=1e-6), k
+    straight_log, resumed_log = read_log(tmp_path / 'straight' / 'log.jsonl'), read_log(tmp_path / 'resumed' / 'log.jsonl')
+    assert [row['step'] for row in resumed_log] == [0, 0, 1, 2, 2, 3, 4]  # evals at 0, 2, 4 and train steps 0-3
+    for a_row, b_row in zip(straight_log, resumed_log, strict=True):
+        assert a_row == pytest.approx(b_row, rel=1e-5, abs=1e-6)
