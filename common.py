@@ -194,6 +194,26 @@ def unwrap(model):
     return getattr(model, '_orig_mod', model)  # torch.compile
 
 
+def in_one_process(fn, here, ddp, device, what):
+    """fn() in the processes where `here` holds (rank 0, say); None in the others. Under DDP every process learns
+    whether it failed with a UserError (a bad file, an offline download): each stops with one line, and none is
+    left waiting in a collective for a process that has gone."""
+    error, result = None, None
+    if here:
+        try:
+            result = fn()
+        except UserError as e:
+            error = e
+    if ddp:
+        failed = torch.tensor(float(error is not None), device=device)
+        torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+        if failed.item() and error is None:
+            raise UserError(f"{what} failed in another process (its error says why)")
+    if error is not None:
+        raise error
+    return result
+
+
 def open_log(out_dir, resume_from):
     """out_dir/log.jsonl, open for appending one JSON row per step or iteration ('step' or 'iter'). A fresh
     run (resume_from 0) starts it empty. A resumed run keeps the rows before resume_from, the checkpoint's
@@ -205,13 +225,16 @@ def open_log(out_dir, resume_from):
         with open(path) as f:
             lines = f.readlines()
         for i, line in enumerate(lines):
+            if not line.strip():
+                continue  # a blank line: no row
             try:
                 row = json.loads(line)
                 before = (row['step'] if 'step' in row else row['iter']) < resume_from
             except (ValueError, KeyError, TypeError):
                 if i == len(lines) - 1 and not line.endswith('\n'):
                     break  # the torn last line of a killed run: its step comes after the checkpoint
-                raise UserError(f"{path}, line {i + 1}: not a log row (a JSON object with a 'step' or 'iter')")
+                raise UserError(f"{path}, line {i + 1}: not a log row (a JSON object with a 'step' or 'iter'); "
+                                f"fix or delete that line to resume")
             if before:
                 kept.append(line.rstrip('\n') + '\n')
     with open(path + '.tmp', 'w') as f:  # the kept rows, atomically: a kill now leaves the old log or the new

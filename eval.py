@@ -39,7 +39,7 @@ from common import (check_device, decode_response, default_device, encode_respon
                     require_checkpoint, require_reward_model)
 from configurator import check, configure
 from data.tinyhh.world import analyze, mean, rates
-from loaders import collate, read_jsonl, spread, tokenize_prompts, tokenize_sft
+from loaders import collate, read_jsonl, spread, tokenize_prompts
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -50,7 +50,7 @@ gold_judge = 'tinyhh'                         # 'tinyhh': the built-in world's j
 prompt_file = 'data/tinyhh/eval_prompts.jsonl'  # held-out prompts
 max_prompt_len = 0                            # prompt tokens kept (the end of a longer one); 0: block_size - max_new_tokens
 crowd_file = 'data/tinyhh/sft_val.jsonl'      # demonstrations judged as the 'crowd' row ('' = no)
-n_prompts = 0                                 # N prompts spread evenly over prompt_file: every kind keeps its share (0: all)
+n_prompts = 0                                 # N prompts spread evenly over prompt_file (and crowd_file): every kind keeps its share (0: all)
 temperature = 0.7                             # sampling temperature for every model (PPO's default)
 max_new_tokens = 64                           # response tokens at most
 batch_size = 200                              # prompts per generate call
@@ -110,9 +110,11 @@ def judge(texts, ended, responses):
     return [a['score'] for a in analyses] if gold_judge else None, rm, row
 
 
-def win_rates(scores, base_scores, margin):
-    """(wins / (wins + losses), ties): a tie is a difference below margin (margin 0: an equal score)."""
+def win_rates(scores, base_scores, margin, same):
+    """(wins / (wins + losses), ties): a tie is a difference below margin (margin 0: an equal score), or the same
+    answer as the baseline's (same[i]: the same tokens, which on a GPU may still score a rounding apart)."""
     diff = torch.tensor(scores, dtype=torch.float64) - torch.tensor(base_scores, dtype=torch.float64)
+    diff = diff.masked_fill(torch.tensor(same, dtype=torch.bool), 0.0)
     wins, losses = ((diff >= margin) & (diff != 0)).sum().item(), ((diff <= -margin) & (diff != 0)).sum().item()
     return (wins / (wins + losses) if wins + losses else None), 1 - (wins + losses) / len(diff)
 
@@ -139,19 +141,20 @@ def reward_model_scores(model, prompts, responses):
 t0 = time.time()
 base_model, base_args, _ = load(baseline, POLICY_STAGES)
 enc = get_tokenizer(base_args['vocab_size'])
-max_prompt_len = max_prompt_len or base_args['block_size'] - max_new_tokens
+max_prompt_len = config['max_prompt_len'] = max_prompt_len or base_args['block_size'] - max_new_tokens
 check(0 < max_prompt_len <= base_args['block_size'] - max_new_tokens,
       f"max_prompt_len {max_prompt_len} + max_new_tokens {max_new_tokens} must fit in block_size {base_args['block_size']}")
 prompts = tokenize_prompts(records, enc, max_prompt_len, prompt_file)
 reward_model = load(rm_ckpt, 'rm')[0] if rm_ckpt else None
-results, answers = {}, {}  # name -> metrics; name -> (gold scores, reward-model scores, texts)
-if crowd_file:  # the demonstrations: their gold rates, length and reward-model score
-    crowd = read_jsonl(crowd_file, 'sft')
+results, answers = {}, {}  # name -> metrics; name -> (gold scores, reward-model scores, texts, token lists)
+if crowd_file:  # the demonstrations: their gold rates; length and reward-model score as a model's answer gets them
+    crowd = spread(read_jsonl(crowd_file, 'sft'), n_prompts)
     results['crowd'] = rates([analyze(r['prompt'], r['response']) for r in crowd]) if gold_judge else {}
-    results['crowd']['length'] = mean([len(encode_response(enc, r['response'])) for r in crowd])
-    if reward_model is not None:  # on (prompt, response) cut to block_size, as the reward model saw its pairs
-        examples = tokenize_sft(crowd, enc, base_args['block_size'], crowd_file)
-        results['crowd']['rm'] = mean(reward_model_scores(reward_model, *zip(*examples)))
+    crowd_prompts = tokenize_prompts(crowd, enc, max_prompt_len, crowd_file)  # the end of a long prompt
+    crowd_responses = [encode_response(enc, r['response'])[:max_new_tokens] for r in crowd]  # cut where a model's would be
+    results['crowd']['length'] = mean([len(r) for r in crowd_responses])
+    if reward_model is not None:
+        results['crowd']['rm'] = mean(reward_model_scores(reward_model, crowd_prompts, crowd_responses))
 for path in ckpts.split(','):
     model, args, stage = load(path, POLICY_STAGES)
     check(args['vocab_size'] == base_args['vocab_size'], f"{path} and {baseline} use different vocabularies")
@@ -160,18 +163,19 @@ for path in ckpts.split(','):
     gold, rm, results[name] = judge(texts, ended, responses)
     kl = sequence_logprobs(model, prompts, responses) - sequence_logprobs(base_model, prompts, responses)
     results[name]['kl'] = kl.mean().item()
-    answers[name] = (gold, rm, texts)
+    answers[name] = (gold, rm, texts, responses)
     if path == baseline:
-        base_gold, base_rm, _ = answers[name]
+        base_gold, base_rm, _, base_responses = answers[name]
 if baseline not in ckpts.split(','):  # judge the baseline's own answers, same seed
-    base_gold, base_rm, _ = judge(*sample(base_model, enc))
-for name, (gold, rm, texts) in answers.items():  # None: all ties (the baseline against itself), the table prints '-'
-    wins = {}
+    texts, ended, base_responses = sample(base_model, enc)
+    base_gold, base_rm, _ = judge(texts, ended, base_responses)
+for name, (gold, rm, _, responses) in answers.items():  # None: all ties (the baseline against itself), the table prints '-'
+    same, wins = [a == b for a, b in zip(responses, base_responses)], {}
     if gold_judge:
-        wins['win'], results[name]['ties'] = win_rates(gold, base_gold, tie_margin)
-        wins['win_strict'], _ = win_rates(gold, base_gold, 0.0)
+        wins['win'], results[name]['ties'] = win_rates(gold, base_gold, tie_margin, same)
+        wins['win_strict'], _ = win_rates(gold, base_gold, 0.0, same)
     if rm is not None:
-        wins['rm_win'], _ = win_rates(rm, base_rm, 0.0)
+        wins['rm_win'], _ = win_rates(rm, base_rm, 0.0, same)
     results[name].update({k: v for k, v in wins.items() if v is not None})
 
 # -----------------------------------------------------------------------------
@@ -185,13 +189,13 @@ for name, row in results.items():
     print(f"{name[:8]:>8} " + ' '.join(f"{row[c]:>11.3f}" if c in row else f"{'-':>11}" for c in cols))
 os.makedirs(os.path.dirname(out_json) or '.', exist_ok=True)
 with open(out_json, 'w') as f:
+    # scores: every prompt's, in the order of the prompts (prompts and samples: the first 50)
     json.dump({'config': config, 'results': results, 'prompts': questions[:50],
-               'samples': {name: texts[:50] for name, (_, _, texts) in answers.items()},
-               'scores': {name: {'gold': gold[:50] if gold else None, 'rm': rm[:50] if rm else None}
-                          for name, (gold, rm, _) in answers.items()}}, f, indent=1)
+               'samples': {name: texts[:50] for name, (_, _, texts, _) in answers.items()},
+               'scores': {name: {'gold': gold, 'rm': rm} for name, (gold, rm, _, _) in answers.items()}}, f, indent=1)
 step = max(1, len(questions) // n_samples)
 for i in range(0, min(step * n_samples, len(questions)), step):  # fewer prompts than n_samples: each once
     print(f"\nHuman: {questions[i]}")
-    for name, (gold, rm, texts) in answers.items():  # [the gold score] or, without a gold judge, [the reward model's]
+    for name, (gold, rm, texts, _) in answers.items():  # [the gold score] or, without a gold judge, [the reward model's]
         print(f"  {name:>8} [{(gold if gold_judge else rm)[i]:+.2f}] {texts[i]}")
 print(f"\nwrote {out_json} ({time.time() - t0:.0f} s)")

@@ -102,6 +102,8 @@ def read_points(path):
     names = [name for name in results if name != 'crowd']
     paths = data['config']['ckpts'].split(',')
     check(len(names) == len(paths), f"{path}: {len(paths)} checkpoints but {len(names)} result rows")
+    check(all('gold' in results[name] for name in names),
+          f"{path}: no gold scores (an evaluation with gold_judge=''): the frontier needs the built-in world's gold judge")
     points = {}
     for name, ckpt in zip(names, paths):
         run_name = os.path.basename(os.path.dirname(ckpt))  # out/frontier/ppo_kl0.05/ckpt.pt -> ppo_kl0.05
@@ -148,6 +150,7 @@ def plot_curves(run_dir):
     Both: the gradient norm before clipping, when the log has it."""
     with open(os.path.join(run_dir, 'log.jsonl')) as f:
         rows = [json.loads(line) for line in f if line.strip()]
+    rows = [row for row in rows if not row.get('final')]  # the reward model's last rows: the whole val and test splits
     if any('score' in row for row in rows):
         x, panels = 'iter', [['score'], ['kl'], ['gold']]
     else:

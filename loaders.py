@@ -138,13 +138,13 @@ def tokenize_prompts(records, enc, max_prompt_len, name='prompts'):
         p = encode_prompt(enc, rec['prompt'])
         n_cut += len(p) > max_prompt_len
         out.append(p[-max_prompt_len:])
-    report(name, len(out), n_cut, max_prompt_len)
+    report(name, len(out), n_cut, max_prompt_len, 'prompts', 'the end kept')
     return out
 
 
-def report(name, n, n_cut, limit):
+def report(name, n, n_cut, limit, what='examples', kept='prompt end and response start kept'):
     if n_cut:
-        print(f"{name}: {n_cut} of {n} examples truncated to {limit} tokens (prompt end and response start kept)")
+        print(f"{name}: {n_cut} of {n} {what} truncated to {limit} tokens ({kept})")
 
 
 def collate(examples, pad_id, device='cpu', pin_memory=True):

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (all_reduce_mean, check_finite, default_compile, default_device, default_dtype, end_ddp, get_lr,
-                    get_tokenizer, model_from_checkpoint, open_log, require_checkpoint, restore_rng, save_checkpoint,
-                    setup, wrap_for_training)
+                    get_tokenizer, in_one_process, model_from_checkpoint, open_log, require_checkpoint, restore_rng,
+                    save_checkpoint, setup, wrap_for_training)
 from configurator import check, configure
 from loaders import batch_indices, collate, read_jsonl, tokenize_prefs
 
@@ -151,6 +151,9 @@ if init_from == 'resume':
 if master:
     print(f"models: policy and reference of {model.get_num_params() / 1e6:.2f}M parameters, vocabulary {model_args['vocab_size']}")
 train_model = wrap_for_training(model, compile, ddp, device, grad_checkpoint)  # compiled and/or DDP; model stays the plain GPT
+# out_dir/log.jsonl, one JSON row per step, on rank 0: opened now, so a bad log (resumed) stops every process
+# before any work (such as the reference's precomputed log-probs)
+log = in_one_process(lambda: open_log(out_dir, start_step), master, ddp, device, f"reading {out_dir}/log.jsonl")
 
 # -----------------------------------------------------------------------------
 # data: (prompt, chosen, rejected) token ids
@@ -257,7 +260,6 @@ def save(path, step, optimizer):
 
 # -----------------------------------------------------------------------------
 # training loop
-log = open_log(out_dir, start_step) if master else None  # out_dir/log.jsonl: one JSON row per step
 model.train()
 t0, tokens_seen, train_metrics, val_metrics = time.time(), 0, {}, {}
 # steps run 0 .. max_steps - 1; the extra pass at step == max_steps evaluates and saves the final weights

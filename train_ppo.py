@@ -41,8 +41,9 @@ import torch
 from tqdm import tqdm
 
 from common import (all_reduce_mean, check_finite, decode_response, default_compile, default_device, default_dtype,
-                    end_ddp, get_tokenizer, model_from_checkpoint, open_log, require_checkpoint, require_reward_model,
-                    restore_rng, sampling_logprobs_exact, save_checkpoint, setup, wrap_for_training)
+                    end_ddp, get_tokenizer, in_one_process, model_from_checkpoint, open_log, require_checkpoint,
+                    require_reward_model, restore_rng, sampling_logprobs_exact, save_checkpoint, setup,
+                    wrap_for_training)
 from configurator import check, configure
 from loaders import batch_indices, read_jsonl, tokenize_prompts
 
@@ -234,6 +235,8 @@ if init_from == 'resume':
 # what the training passes go through (compiled and/or DDP); policy and value_model stay plain GPTs
 train_policy = wrap_for_training(policy, compile, ddp, device, grad_checkpoint)
 train_value = wrap_for_training(value_model, compile, ddp, device, grad_checkpoint)
+# out_dir/log.jsonl, one JSON row per iteration, on rank 0: opened now, so a bad log (resumed) stops every process before any work
+log = in_one_process(lambda: open_log(out_dir, start_iter), master, ddp, device, f"reading {out_dir}/log.jsonl")
 enc = get_tokenizer(model_args['vocab_size'])
 judge = None
 if gold_judge == 'tinyhh':
@@ -277,7 +280,6 @@ def values_of(model, seq, seq_mask, P):
 
 # -----------------------------------------------------------------------------
 # training loop
-log = open_log(out_dir, start_iter) if master else None  # out_dir/log.jsonl: one JSON row per iteration
 t0 = time.time()
 row = dict.fromkeys(('score', 'kl', 'gold', 'ended'), float('nan'))  # no iteration yet: resuming a finished run
 bar = tqdm(range(start_iter, max_iters), initial=start_iter, total=max_iters, disable=not master, desc='ppo', mininterval=1.0)

@@ -22,9 +22,9 @@ import torch
 from tqdm import tqdm
 
 from common import (all_reduce_mean, check_finite, default_compile, default_device, default_dtype, end_ddp, get_lr,
-                    get_tokenizer, model_from_checkpoint, open_log, require_checkpoint, restore_rng, save_checkpoint,
-                    setup, wrap_for_training)
-from configurator import check, configure
+                    get_tokenizer, in_one_process, model_from_checkpoint, open_log, require_checkpoint, restore_rng,
+                    save_checkpoint, setup, wrap_for_training)
+from configurator import UserError, check, configure
 from loaders import batch_indices, collate, read_jsonl, tokenize_sft
 from model import GPT, GPTConfig, HF_REPOS, DownloadError, download_gpt2
 
@@ -107,17 +107,13 @@ elif init_from == 'scratch':
                       vocab_size=vocab_size, dropout=dropout, bias=True)
     model = GPT(GPTConfig(**model_args))
 else:  # GPT-2: one download per machine (local rank 0), then every process loads it
-    error = None
-    if int(os.environ.get('LOCAL_RANK', 0)) == 0 and not os.path.isdir(init_from):
+    def fetch_gpt2():
         try:
             download_gpt2(init_from)
         except DownloadError as e:  # offline: one line saying where to put the files, not a traceback
-            error = str(e)
-    if ddp:  # every process learns whether the downloads worked: none is left waiting for one that stopped
-        failed = torch.tensor(float(error is not None), device=device)
-        torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
-        check(failed.item() == 0 or error, f"{init_from}: the download failed in another process (its error says why)")
-    check(error is None, error)
+            raise UserError(str(e)) from None
+    in_one_process(fetch_gpt2, int(os.environ.get('LOCAL_RANK', 0)) == 0 and not os.path.isdir(init_from), ddp, device,
+                   f"{init_from}: the download")
     model = GPT.from_pretrained(init_from, dropout=dropout)
     model_args = {k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size', 'dropout', 'bias')}
 check(model_args['block_size'] >= block_size, f"block_size {block_size} > the model's {model_args['block_size']}")
@@ -131,6 +127,8 @@ if init_from == 'resume':
 if master:
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, vocabulary {model_args['vocab_size']}")
 train_model = wrap_for_training(model, compile, ddp, device, grad_checkpoint)  # compiled and/or DDP; model stays the plain GPT
+# out_dir/log.jsonl, one JSON row per step, on rank 0: opened now, so a bad log (resumed) stops every process before any work
+log = in_one_process(lambda: open_log(out_dir, start_step), master, ddp, device, f"reading {out_dir}/log.jsonl")
 
 # -----------------------------------------------------------------------------
 # data: (prompt ids, response ids) pairs; the batch masks everything but the response
@@ -169,7 +167,6 @@ def save(step, best):
 
 # -----------------------------------------------------------------------------
 # training loop
-log = open_log(out_dir, start_step) if master else None  # out_dir/log.jsonl: one JSON row per step
 model.train()
 t0, tokens_seen, loss_value = time.time(), 0, float('nan')
 # steps run 0 .. max_steps - 1; the extra pass at step == max_steps evaluates and saves the final weights

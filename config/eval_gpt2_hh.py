@@ -3,7 +3,10 @@
 # after the four training presets. Real data has no gold judge: the learned reward model scores every
 # answer (rm) and the answer against the SFT model's to the same prompt (rm_win). It is the reward PPO
 # maximised, so PPO's numbers are a proxy that PPO can overfit; read them beside kl and the samples.
-# The crowd row: the reward model on the test split's chosen replies, the data's own answers.
+# The crowd row: the reward model on the chosen replies to the same prompts, the data's own answers,
+# cut as a model's answer is (max_new_tokens). HH-RLHF has no validation split, so the training
+# presets validate on these test splits: the prompts are held out from training, not from the choice
+# of best.pt.
 ckpts = 'out/sft_hh/best.pt,out/ppo_hh/ckpt.pt,out/dpo_hh/best.pt'
 baseline = 'out/sft_hh/best.pt'
 rm_ckpt = 'out/rm_hh/best.pt'

@@ -400,10 +400,24 @@ def test_open_log_starts_fresh_or_keeps_the_rows_before_the_resume_point(tmp_pat
     assert path.read_text() == ''
     # a whole last row without its newline is a row like any other, and what comes after starts a line of its own
     assert reopen(lines[0] + '{"step": 1, "train/loss": 1.9}', 2) == lines[0] + '{"step": 1, "train/loss": 1.9}\n{"step": 9}\n'
+    # blank lines are no rows, and no error
+    assert reopen(lines[0] + '\n' + lines[1] + '  \n', 2) == lines[0] + lines[1] + '{"step": 9}\n'
     # anything else that is no row is an error naming the file and the line, and the log is left as it was
     for bad, line in ((lines[0] + 'oops\n' + lines[1], 2), (lines[0] + '{"loss": 1.0}\n', 2), ('[1, 2]\n', 1),
                       (lines[0] + '{"step": "3"}\n', 2)):
         path.write_text(bad)
-        with pytest.raises(UserError, match=rf"log\.jsonl, line {line}: not a log row"):
+        with pytest.raises(UserError, match=rf"log\.jsonl, line {line}: not a log row .*; fix or delete that line to resume"):
             common.open_log(str(tmp_path / 'run'), 2)
         assert path.read_text() == bad
+
+
+def test_in_one_process_runs_where_asked_and_raises_its_error():
+    from configurator import UserError
+    calls = []
+    assert common.in_one_process(lambda: calls.append(1) or 'done', True, False, 'cpu', 'x') == 'done'
+    assert common.in_one_process(lambda: calls.append(2), False, False, 'cpu', 'x') is None and calls == [1]
+
+    def bad():
+        raise UserError('data.jsonl:3: the problem')
+    with pytest.raises(UserError, match='^data.jsonl:3: the problem$'):
+        common.in_one_process(bad, True, False, 'cpu', 'x')

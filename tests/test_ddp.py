@@ -168,7 +168,7 @@ def test_offline_gpt2_stops_every_process_with_one_line(tmp_path):
         assert message in err and 'Traceback' not in err, (rank, err)
 
 
-def test_sft_with_dropout_resumes_exactly_under_ddp(tmp_path):
+def test_sft_resumes_exactly_under_ddp_with_dropout_and_a_bad_log_stops_every_rank(tmp_path):
     # dropout masks come from (seed, step, rank), so a run resumed under torchrun draws each rank's own masks again
     # (a checkpoint holds rank 0's random state only). A constant learning rate (no warmup, min_lr_ratio 1) makes 2
     # steps resumed to 4 the same training as 4 straight steps
@@ -190,3 +190,15 @@ def test_sft_with_dropout_resumes_exactly_under_ddp(tmp_path):
     assert [row['step'] for row in resumed_log] == [0, 0, 1, 2, 2, 3, 4]  # evals at 0, 2, 4 and train steps 0-3
     for a_row, b_row in zip(straight_log, resumed_log, strict=True):
         assert a_row == pytest.approx(b_row, rel=1e-5, abs=1e-6)
+
+    # a log that rank 0 cannot read stops the resume on every rank, one line each, before any training step
+    log = (tmp_path / 'resumed' / 'log.jsonl').read_text().splitlines(keepends=True)
+    (tmp_path / 'resumed' / 'log.jsonl').write_text(''.join(log[:2] + ['garbage\n'] + log[2:]))
+    bad = torchrun('train_sft.py', args + ['--max_steps=6', f'--out_dir={tmp_path / "resumed"}', '--init_from=resume'],
+                   tmp_path, 'bad')
+    assert bad.wait(timeout=120) != 0
+    for rank, message in ((0, f"error: {tmp_path / 'resumed' / 'log.jsonl'}, line 3: not a log row"),
+                          (1, f"error: reading {tmp_path / 'resumed'}/log.jsonl failed in another process (its error says why)")):
+        err = rank_output(tmp_path, rank, 'bad')[1]
+        assert message in err and 'Traceback' not in err, (rank, err)
+    assert torch.load(tmp_path / 'resumed' / 'ckpt.pt', weights_only=True)['step'] == 4  # nothing trained

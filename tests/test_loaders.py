@@ -190,7 +190,7 @@ def test_tokenize_prefs_reports_pairs_that_truncation_makes_identical(enc, capsy
 
 def test_tokenize_prompts_keeps_the_end(enc, capsys):
     out = loaders.tokenize_prompts([{'prompt': 'word ' * 100}, {'prompt': 'hi'}], enc, max_prompt_len=16)
-    assert 'prompts: 1 of 2 examples truncated to 16 tokens' in capsys.readouterr().out
+    assert 'prompts: 1 of 2 prompts truncated to 16 tokens (the end kept)' in capsys.readouterr().out
     assert out[0] == encode_prompt(enc, 'word ' * 100)[-16:] and out[1] == encode_prompt(enc, 'hi')
 
 
@@ -401,7 +401,7 @@ def test_tokenize_prompts_counts_only_prompts_that_lose_tokens(enc, capsys):
     n = len(encode_prompt(enc, 'word ' * 10))
     out = loaders.tokenize_prompts([{'prompt': 'word ' * 10}, {'prompt': 'word ' * 11}], enc, max_prompt_len=n)
     assert out[0] == encode_prompt(enc, 'word ' * 10) and len(out[1]) == n
-    assert f'prompts: 1 of 2 examples truncated to {n} tokens' in capsys.readouterr().out  # the one at n is whole
+    assert f'prompts: 1 of 2 prompts truncated to {n} tokens' in capsys.readouterr().out  # the one at n is whole
 
 
 def test_read_jsonl_suggests_prepare_only_for_a_missing_file(tmp_path):

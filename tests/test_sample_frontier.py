@@ -95,7 +95,7 @@ def test_eval_refuses_wrong_checkpoints_and_settings_and_cuts_long_prompts(tmp_p
     # a prompt longer than max_prompt_len keeps its end, and the cut is reported
     p = run_script('eval.py', *EVAL_ARGS, f'--ckpts={sft}', '--rm_ckpt=', '--max_prompt_len=8', f'--baseline={sft}',
                    f'--out_json={tmp_path / "e.json"}', timeout=60)
-    assert f"{ROOT}/tests/fixtures/eval_prompts_3.jsonl: 3 of 3 examples truncated to 8 tokens" in p.stdout, p.stdout
+    assert f"{ROOT}/tests/fixtures/eval_prompts_3.jsonl: 3 of 3 prompts truncated to 8 tokens (the end kept)" in p.stdout, p.stdout
 
 
 # eval.py's arithmetic against numbers worked out here: the gold judge's scores are set by hand (the
@@ -182,13 +182,15 @@ def test_eval_win_rate_ties_kl_and_reward_by_hand(tmp_path):
     assert results['sft']['rm'] == pytest.approx(sum(base) / 4) and all(a != b for a, b in zip(reward, base))
     assert row['rm_win'] == sum(a > b for a, b in zip(scores_out['dpo']['rm'], base)) / 4
     assert 0 < row['rm_win'] < 1 and 'rm_win' not in results['sft']  # against itself: all ties, no win rate
-    # the crowd's reward: at the last token of each demonstration, cut to block_size as training cuts it
-    from loaders import tokenize_sft
-    examples = tokenize_sft([{'prompt': r['prompt'], 'response': r['reference']} for r in crowd], enc, ARGS['block_size'])
-    assert max(len(p) + len(r) for p, r in examples) == ARGS['block_size']  # some were cut
+    # the crowd's length and reward as a model's answer gets them: the prompt's last max_prompt_len tokens (block_size
+    # 64 - max_new_tokens 4), the demonstration's first max_new_tokens; the reward at its last token
+    from common import encode_response
+    pairs = [(encode_prompt(enc, r['prompt'])[-60:], encode_response(enc, r['reference'])[:4]) for r in crowd]
     with torch.no_grad():
-        crowd_rm = [rm(torch.tensor([p + r]))[0][0, -1].item() for p, r in examples]
+        crowd_rm = [rm(torch.tensor([p + r]))[0][0, -1].item() for p, r in pairs]
     assert results['crowd']['rm'] == pytest.approx(sum(crowd_rm) / len(crowd_rm), rel=1e-4, abs=1e-5)
+    assert results['crowd']['length'] == 4 and min(len(encode_response(enc, r['reference'])) for r in crowd) > 4
+    assert json.loads((tmp_path / 'eval.json').read_text())['config']['max_prompt_len'] == 60  # resolved from 0
 
 
 def test_eval_spreads_prompts_names_rows_and_judges_the_crowd(tmp_path):
@@ -206,11 +208,12 @@ def test_eval_spreads_prompts_names_rows_and_judges_the_crowd(tmp_path):
     out = json.loads((tmp_path / 'eval.json').read_text())
     assert out['prompts'] == [QUESTIONS[0], QUESTIONS[2]]  # 2 of 4, spread over the file
     assert list(out['results']) == ['crowd', 'sft', f'sft:{again}']  # a taken stage name gets the path
-    # the crowd: the gold judge's rates of the demonstrations, and their length in tokens (<|endoftext|> counted)
-    enc = get_tokenizer(ARGS['vocab_size'])
-    length = sum(len(encode_response(enc, r['response'])) for r in crowd) / len(crowd)
+    # the crowd, spread like the prompts (2 of 3): the gold judge's rates of the demonstrations, and their length in
+    # tokens (<|endoftext|> counted) up to max_new_tokens, as a model's answer is cut
+    enc, crowd = get_tokenizer(ARGS['vocab_size']), crowd[:2]
+    length = sum(min(len(encode_response(enc, r['response'])), 4) for r in crowd) / len(crowd)
     assert out['results']['crowd'] == pytest.approx(dict(rates([analyze(r['prompt'], r['response']) for r in crowd]),
-                                                         length=length))
+                                                         length=length), nan_ok=True)  # no unknowable question: NaN
     # every model samples with the same seed: the same weights give the same answers, all ties, no KL
     assert out['samples']['sft'] == out['samples'][f'sft:{again}'] and len(out['samples']['sft']) == 2
     assert out['results'][f'sft:{again}']['ties'] == 1.0 and out['results'][f'sft:{again}']['kl'] == 0.0
@@ -285,6 +288,12 @@ def test_frontier_plot_only(tmp_path):
     assert ['ppo', '0.1', '2.500', '0.500'] in table and ['dpo', '1.0', '1.000', '0.400'] in table
     assert ['sft', 'sft', '0.000', '0.300'] in table
     assert 'train_' not in p.stdout  # nothing was trained
+    # an evaluation without the gold judge has no frontier to draw
+    for row in results.values():
+        del row['gold']
+    (tmp_path / 'eval.json').write_text(json.dumps({'config': {'ckpts': ','.join(ckpts)}, 'results': results}))
+    p = run_script('frontier.py', '--plot_only=True', f'--out_dir={tmp_path}', check=False, timeout=60)
+    assert p.returncode == 2 and 'no gold scores (an evaluation with gold_judge=' in p.stderr and 'Traceback' not in p.stderr
 
 
 @pytest.mark.parametrize('kind', ['ppo', 'dpo'])
@@ -300,6 +309,8 @@ def test_frontier_curves(tmp_path, kind):
                     f.write(json.dumps({'step': i, 'val/loss': 0.7 - 0.01 * i, 'val/rewards/accuracies': 0.5}) + '\n')
                 f.write(json.dumps({'step': i, 'train/loss': 0.69 - 0.01 * i, 'train/rewards/accuracies': 0.6,
                                     **({'grad_norm': 2.0} if i >= 10 else {})}) + '\n')  # logs before grad_norm have none
+        if kind == 'dpo':  # a reward model's final rows (the whole val split) are no point of the curves
+            f.write(json.dumps({'step': 20, 'final': True, 'val/loss': 0.5}) + '\n')
     p = run_script('frontier.py', f'--curves={run}', timeout=60)
     check_png(run / 'curves.png')
     if kind == 'ppo':
@@ -316,8 +327,12 @@ def test_eval_win_rates_count_ties_by_the_margin():
     from scripts import function_defs
     (win_rates,) = function_defs('eval.py', 'win_rates')
     diffs = [0.25, -0.5, 0.125, 0.0, 0.3, -0.1]  # model - baseline
-    scores, base = [1.0 + d for d in diffs], [1.0] * 6
-    assert win_rates(scores, base, 0.25) == pytest.approx((2 / 3, 0.5))  # 0.25 and 0.3 win, -0.5 loses; the rest tie
-    assert win_rates(scores, base, 0.0) == pytest.approx((3 / 5, 1 / 6))  # margin 0: only the equal pair ties
-    assert win_rates(base, base, 0.0) == (None, 1.0)  # all ties: no win rate
-    assert win_rates([1e-12], [0.0], 0.0) == (1.0, 0.0)  # any difference counts at margin 0
+    scores, base, differ = [1.0 + d for d in diffs], [1.0] * 6, [False] * 6
+    assert win_rates(scores, base, 0.25, differ) == pytest.approx((2 / 3, 0.5))  # 0.25 and 0.3 win, -0.5 loses; the rest tie
+    assert win_rates(scores, base, 0.0, differ) == pytest.approx((3 / 5, 1 / 6))  # margin 0: only the equal pair ties
+    assert win_rates(base, base, 0.0, differ) == (None, 1.0)  # all ties: no win rate
+    assert win_rates([1e-12], [0.0], 0.0, [False]) == (1.0, 0.0)  # any difference counts at margin 0
+    # the same answer as the baseline's ties, whatever the scores (a GPU may score it a rounding apart)
+    same = [False, True, False, False, True, False]  # the loss and one win were the baseline's own answers
+    assert win_rates(scores, base, 0.0, same) == pytest.approx((2 / 3, 1 / 2))
+    assert win_rates([1e-12], [0.0], 0.0, [True]) == (None, 1.0)
