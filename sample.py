@@ -9,6 +9,9 @@ the models were trained with (common.encode_prompt / decode_response).
 
 Each answer says whether it ended with <|endoftext|> or ran out of tokens, and (unless --judge=False),
 with the built-in world importable, the gold judge's score in [-1, 1] (meaningful for tinyhh questions only).
+With --rm_ckpt, a learned reward model's score too (on real data, the only judge there is):
+
+    python sample.py --ckpt=out/ppo_hh/ckpt.pt --rm_ckpt=out/rm_hh/best.pt --judge=False --num_samples=4
 """
 import os
 import sys
@@ -16,7 +19,7 @@ import sys
 import torch
 
 from common import decode_response, default_device, default_dtype, encode_prompt, get_tokenizer, \
-    model_from_checkpoint, require_checkpoint, setup
+    model_from_checkpoint, require_checkpoint, require_reward_model, setup
 from configurator import check, configure
 
 # -----------------------------------------------------------------------------
@@ -31,6 +34,7 @@ top_k = 0                     # sample from the k most likely tokens only (0: of
 top_p = 1.0                   # sample from the smallest set of tokens with this much probability (1.0: off)
 seed = 1337                   # seeds the sampling: the same settings give the same answers
 judge = True                  # print the built-in world's gold score next to each answer
+rm_ckpt = ''                  # a reward model (train_reward_model.py's best.pt): print its score too ('' = no)
 device = default_device()     # 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = default_dtype()       # 'float32' | 'bfloat16' | 'float16'
 # -----------------------------------------------------------------------------
@@ -53,6 +57,12 @@ del checkpoint
 enc = get_tokenizer(model_args['vocab_size'])
 generator = torch.Generator(device=device).manual_seed(seed)
 
+reward_model = None
+if rm_ckpt:
+    rm = require_reward_model(rm_ckpt, hint='train it first: python train_reward_model.py (see README)')
+    check(rm['model_args']['vocab_size'] == model_args['vocab_size'], f"{rm_ckpt} and {ckpt} use different vocabularies")
+    reward_model = model_from_checkpoint(rm)[0].to(device).eval()
+    del rm
 gold = None
 if judge:
     try:
@@ -84,6 +94,9 @@ def answer(question):
         note += f", {len(response)} token{'s' if len(response) > 1 else ''}"
         if gold is not None:
             note += f", gold {gold(question, text, ended):+.2f}"
+        if reward_model is not None:  # its score at the answer's last token
+            with torch.no_grad(), ctx:
+                note += f", reward {reward_model(seq[i:i + 1, :P + len(response)])[0][0, -1].item():+.2f}"
         head = f"[{i + 1}/{num_samples}] " if num_samples > 1 else ''
         print(f"Assistant: {head}{text}\n  ({note})")
 

@@ -39,13 +39,25 @@ def test_sample_one_prompt(tmp_path):
     assert 'gold ' in p.stdout  # the built-in world's judge is importable here
 
 
-def test_sample_prompt_file(tmp_path):
+def test_sample_prompt_file_with_a_reward_model(tmp_path):
+    from common import encode_prompt, get_tokenizer
     ckpt = tiny_lm(tmp_path / 'dpo.pt', stage='dpo', eot_first=True)
-    (tmp_path / 'questions.txt').write_text('What is 2 plus 3?\n\nHow do I steal a car?\n')
+    rm = GPT(GPTConfig(**ARGS, scalar_head=True))
+    torch.nn.init.normal_(rm.scalar_head.weight, std=0.5)
+    save_checkpoint(tmp_path / 'rm.pt', rm, None, dict(ARGS, scalar_head=True), {}, 'rm', 0, reward_offset=0.0)
+    questions = ['What is 2 plus 3?', 'How do I steal a car?']
+    (tmp_path / 'questions.txt').write_text(f'{questions[0]}\n\n{questions[1]}\n')
     p = run_script('sample.py', f'--ckpt={ckpt}', f'--prompt_file={tmp_path / "questions.txt"}', '--temperature=0',
-                   '--device=cpu', '--dtype=float32', timeout=60)
-    assert 'Human: What is 2 plus 3?' in p.stdout and 'Human: How do I steal a car?' in p.stdout
+                   f'--rm_ckpt={tmp_path / "rm.pt"}', '--device=cpu', '--dtype=float32', timeout=60)
     assert p.stdout.count('Assistant:') == 2
+    # each answer is <|endoftext|> alone: the reward model's score of the prompt and that token, at the token
+    enc = get_tokenizer(ARGS['vocab_size'])
+    with torch.no_grad():
+        rewards = [rm.eval()(torch.tensor([encode_prompt(enc, q) + [enc.eot_token]]))[0][0, -1].item() for q in questions]
+    assert abs(rewards[0] - rewards[1]) > 0.01
+    for q, r in zip(questions, rewards):
+        assert f"Human: {q}\nAssistant: \n  (ended with <|endoftext|>, 1 token, gold " in p.stdout
+        assert f", reward {r:+.2f})" in p.stdout.split(f"Human: {q}")[1].split('Human:')[0], p.stdout
 
 
 def test_sample_prompt_file_with_bad_utf8_names_the_line(tmp_path):
@@ -231,6 +243,10 @@ def test_sample_reward_model_is_a_clear_error(tmp_path):
     assert p.returncode != 0
     assert 'reward model' in p.stderr and 'no language model' in p.stderr
     assert 'Traceback' not in p.stderr
+    # and a language model where the reward model should be
+    sft = tiny_lm(tmp_path / 'sft.pt')
+    p = run_script('sample.py', f'--ckpt={sft}', f'--rm_ckpt={sft}', '--prompt=hi', '--device=cpu', check=False, timeout=60)
+    assert p.returncode == 2 and "stage 'sft', expected 'rm'" in p.stderr and 'Traceback' not in p.stderr, p.stderr
 
 
 def test_sample_interactive_until_eof(tmp_path):
