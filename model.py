@@ -427,17 +427,17 @@ class GPT(nn.Module):
         missing, unexpected = set(ours) - set(sd_hf), set(sd_hf) - set(ours)
         if missing or unexpected:
             raise ValueError(f"{path}: not a GPT-2 checkpoint (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
-        # OpenAI's checkpoints use Conv1D, a Linear with its weight transposed
-        transposed = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
         with torch.no_grad():
             for k_hf, k in ours.items():
-                w = sd_hf[k_hf].t() if k_hf.endswith(transposed) else sd_hf[k_hf]
+                w = sd_hf[k_hf].t() if k_hf.endswith(GPT2_CONV1D) else sd_hf[k_hf]
                 if w.shape != sd[k].shape:
                     raise ValueError(f"{path}: {k_hf} has shape {tuple(w.shape)}, expected {tuple(sd[k].shape)}")
                 sd[k].copy_(w)
         return model
 
 
+# OpenAI's checkpoints (and so Hugging Face's) use Conv1D, a Linear with its weight transposed, in these layers
+GPT2_CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
 # config.json keys of Hugging Face's GPT2Config that change the computation, at GPT-2's values: the only ones
 # this model implements (tanh GELU, LayerNorm eps 1e-5, a 4x MLP, attention scaled by 1/sqrt(head size), tied head)
 GPT2_ARCHITECTURE = dict(activation_function='gelu_new', layer_norm_epsilon=1e-5, n_inner=None, scale_attn_weights=True,
