@@ -196,13 +196,13 @@ def unwrap(model):
 
 def in_one_process(fn, here, ddp, device, what):
     """fn() in the processes where `here` holds (rank 0, say); None in the others. Under DDP every process learns
-    whether it failed with a UserError (a bad file, an offline download): each stops with one line, and none is
-    left waiting in a collective for a process that has gone."""
+    whether it failed (a UserError, such as a bad file or an offline download, or a bug): none is left waiting in
+    a collective for a process that has gone, and each stops with one line (a bug keeps its traceback)."""
     error, result = None, None
     if here:
         try:
             result = fn()
-        except UserError as e:
+        except Exception as e:
             error = e
     if ddp:
         failed = torch.tensor(float(error is not None), device=device)
@@ -219,28 +219,31 @@ def open_log(out_dir, resume_from):
     run (resume_from 0) starts it empty. A resumed run keeps the rows before resume_from, the checkpoint's
     step, and redoes the rest, so a run killed and resumed leaves the log of one that never stopped. Rows
     are written whole and flushed one by one: only the last line can be torn, by a kill mid-write."""
-    os.makedirs(out_dir, exist_ok=True)
     path, kept = os.path.join(out_dir, 'log.jsonl'), []
-    if resume_from > 0 and os.path.exists(path):
-        with open(path) as f:
-            lines = f.readlines()
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue  # a blank line: no row
-            try:
-                row = json.loads(line)
-                before = (row['step'] if 'step' in row else row['iter']) < resume_from
-            except (ValueError, KeyError, TypeError):
-                if i == len(lines) - 1 and not line.endswith('\n'):
-                    break  # the torn last line of a killed run: its step comes after the checkpoint
-                raise UserError(f"{path}, line {i + 1}: not a log row (a JSON object with a 'step' or 'iter'); "
-                                f"fix or delete that line to resume")
-            if before:
-                kept.append(line.rstrip('\n') + '\n')
-    with open(path + '.tmp', 'w') as f:  # the kept rows, atomically: a kill now leaves the old log or the new
-        f.writelines(kept)
-    os.replace(path + '.tmp', path)
-    return open(path, 'a')
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        if resume_from > 0 and os.path.exists(path):
+            with open(path, 'rb') as f:
+                lines = f.read().split(b'\n')  # the last piece: empty after a final newline, else a line without one
+            for i, line in enumerate(lines):
+                if not line.strip():
+                    continue  # a blank line: no row
+                try:
+                    row = json.loads(line.decode('utf-8'))
+                    before = (row['step'] if 'step' in row else row['iter']) < resume_from
+                except (ValueError, KeyError, TypeError):  # invalid UTF-8 or JSON, no step, a step of another type
+                    if i == len(lines) - 1:
+                        break  # the torn last line of a killed run: its step comes after the checkpoint
+                    raise UserError(f"{path}, line {i + 1}: not a log row (a JSON object with a 'step' or 'iter'); "
+                                    f"fix or delete that line to resume") from None
+                if before:
+                    kept.append(line.decode('utf-8') + '\n')
+        with open(path + '.tmp', 'w') as f:  # the kept rows, atomically: a kill now leaves the old log or the new
+            f.writelines(kept)
+        os.replace(path + '.tmp', path)
+        return open(path, 'a')
+    except OSError as e:  # out_dir is a file, the log a directory, no permission, a full disk
+        raise UserError(f"{path}: cannot write the log: {e.strerror or e}") from None
 
 # -----------------------------------------------------------------------------
 # training set-up: device, precision, DDP, schedule

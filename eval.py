@@ -112,7 +112,8 @@ def judge(texts, ended, responses):
 
 def win_rates(scores, base_scores, margin, same):
     """(wins / (wins + losses), ties): a tie is a difference below margin (margin 0: an equal score), or the same
-    answer as the baseline's (same[i]: the same tokens, which on a GPU may still score a rounding apart)."""
+    answer as the baseline's (same[i]: the same tokens, which padded into batches of other lengths may still score
+    a rounding apart)."""
     diff = torch.tensor(scores, dtype=torch.float64) - torch.tensor(base_scores, dtype=torch.float64)
     diff = diff.masked_fill(torch.tensor(same, dtype=torch.bool), 0.0)
     wins, losses = ((diff >= margin) & (diff != 0)).sum().item(), ((diff <= -margin) & (diff != 0)).sum().item()
@@ -146,12 +147,16 @@ check(0 < max_prompt_len <= base_args['block_size'] - max_new_tokens,
       f"max_prompt_len {max_prompt_len} + max_new_tokens {max_new_tokens} must fit in block_size {base_args['block_size']}")
 prompts = tokenize_prompts(records, enc, max_prompt_len, prompt_file)
 reward_model = load(rm_ckpt, 'rm')[0] if rm_ckpt else None
+check(reward_model is None or reward_model.config.block_size >= max_prompt_len + max_new_tokens,
+      f"{rm_ckpt} reads at most {reward_model and reward_model.config.block_size} tokens, fewer than max_prompt_len "
+      f"{max_prompt_len} + max_new_tokens {max_new_tokens}")
 results, answers = {}, {}  # name -> metrics; name -> (gold scores, reward-model scores, texts, token lists)
-if crowd_file:  # the demonstrations: their gold rates; length and reward-model score as a model's answer gets them
+if crowd_file:  # the demonstrations, judged as a model's answers are: the prompt's end, at most max_new_tokens
     crowd = spread(read_jsonl(crowd_file, 'sft'), n_prompts)
-    results['crowd'] = rates([analyze(r['prompt'], r['response']) for r in crowd]) if gold_judge else {}
-    crowd_prompts = tokenize_prompts(crowd, enc, max_prompt_len, crowd_file)  # the end of a long prompt
-    crowd_responses = [encode_response(enc, r['response'])[:max_new_tokens] for r in crowd]  # cut where a model's would be
+    crowd_prompts = tokenize_prompts(crowd, enc, max_prompt_len, crowd_file)
+    crowd_responses = [encode_response(enc, r['response'])[:max_new_tokens] for r in crowd]
+    results['crowd'] = rates([analyze(r['prompt'], decode_response(enc, t), t[-1] == enc.eot_token)
+                              for r, t in zip(crowd, crowd_responses)]) if gold_judge else {}
     results['crowd']['length'] = mean([len(r) for r in crowd_responses])
     if reward_model is not None:
         results['crowd']['rm'] = mean(reward_model_scores(reward_model, crowd_prompts, crowd_responses))

@@ -66,6 +66,11 @@ for m in merges:  # each merge makes the next id: the two halves joined
 vocab['<|endoftext|>'] = V - 1
 check(len(vocab) == V, f"the tokenizer has {len(vocab)} tokens, the model {V}")
 
+# a directory of the export's files only: transformers would read any other (tokenizer.json, say) over them
+written = ('config.json', 'model.safetensors', 'vocab.json', 'merges.txt', 'tokenizer_config.json')
+others = sorted(set(os.listdir(out_dir)) - set(written)) if os.path.isdir(out_dir) else []
+check(not others, f"{out_dir} holds other files ({', '.join(others[:4])}): export into a new or empty directory")
+
 config = dict(architectures=['GPT2LMHeadModel'], model_type='gpt2', vocab_size=V, n_positions=args['block_size'],
               n_ctx=args['block_size'], n_embd=args['n_embd'], n_layer=args['n_layer'], n_head=args['n_head'],
               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=V - 1, eos_token_id=V - 1,

@@ -61,6 +61,8 @@ reward_model = None
 if rm_ckpt:
     rm = require_reward_model(rm_ckpt, hint='train it first: python train_reward_model.py (see README)')
     check(rm['model_args']['vocab_size'] == model_args['vocab_size'], f"{rm_ckpt} and {ckpt} use different vocabularies")
+    check(rm['model_args']['block_size'] >= block_size, f"{rm_ckpt} reads at most {rm['model_args']['block_size']} tokens, "
+          f"fewer than {ckpt}'s block_size {block_size}")
     reward_model = model_from_checkpoint(rm)[0].to(device).eval()
     del rm
 gold = None

@@ -151,9 +151,6 @@ if init_from == 'resume':
 if master:
     print(f"models: policy and reference of {model.get_num_params() / 1e6:.2f}M parameters, vocabulary {model_args['vocab_size']}")
 train_model = wrap_for_training(model, compile, ddp, device, grad_checkpoint)  # compiled and/or DDP; model stays the plain GPT
-# out_dir/log.jsonl, one JSON row per step, on rank 0: opened now, so a bad log (resumed) stops every process
-# before any work (such as the reference's precomputed log-probs)
-log = in_one_process(lambda: open_log(out_dir, start_step), master, ddp, device, f"reading {out_dir}/log.jsonl")
 
 # -----------------------------------------------------------------------------
 # data: (prompt, chosen, rejected) token ids
@@ -187,6 +184,9 @@ def reference_logps(pairs, indices):
     return chosen, rejected
 
 
+# out_dir/log.jsonl, one JSON row per step, written by rank 0 (a log it cannot read stops every rank),
+# opened before the reference's log-probs are precomputed, which can take minutes
+log = in_one_process(lambda: open_log(out_dir, start_step), master, ddp, device, f"reading {out_dir}/log.jsonl")
 ref_train = ref_val = None
 if precompute_ref_logps:
     t = time.time()

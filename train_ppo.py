@@ -235,8 +235,6 @@ if init_from == 'resume':
 # what the training passes go through (compiled and/or DDP); policy and value_model stay plain GPTs
 train_policy = wrap_for_training(policy, compile, ddp, device, grad_checkpoint)
 train_value = wrap_for_training(value_model, compile, ddp, device, grad_checkpoint)
-# out_dir/log.jsonl, one JSON row per iteration, on rank 0: opened now, so a bad log (resumed) stops every process before any work
-log = in_one_process(lambda: open_log(out_dir, start_iter), master, ddp, device, f"reading {out_dir}/log.jsonl")
 enc = get_tokenizer(model_args['vocab_size'])
 judge = None
 if gold_judge == 'tinyhh':
@@ -280,6 +278,8 @@ def values_of(model, seq, seq_mask, P):
 
 # -----------------------------------------------------------------------------
 # training loop
+# out_dir/log.jsonl, one JSON row per iteration, written by rank 0 (a log it cannot read stops every rank)
+log = in_one_process(lambda: open_log(out_dir, start_iter), master, ddp, device, f"reading {out_dir}/log.jsonl")
 t0 = time.time()
 row = dict.fromkeys(('score', 'kl', 'gold', 'ended'), float('nan'))  # no iteration yet: resuming a finished run
 bar = tqdm(range(start_iter, max_iters), initial=start_iter, total=max_iters, disable=not master, desc='ppo', mininterval=1.0)

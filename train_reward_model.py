@@ -134,8 +134,6 @@ del ckpt
 if master:
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, vocabulary {model_args['vocab_size']}")
 train_model = wrap_for_training(model, compile, ddp, device, grad_checkpoint)  # compiled and/or DDP; model stays the plain GPT
-# out_dir/log.jsonl, one JSON row per step, on rank 0: opened now, so a bad log (resumed) stops every process before any work
-log = in_one_process(lambda: open_log(out_dir, start_step), master, ddp, device, f"reading {out_dir}/log.jsonl")
 
 # -----------------------------------------------------------------------------
 # data: (prompt, chosen, rejected) token ids, and the gold reward gap where the file has one
@@ -218,6 +216,8 @@ def save(path, step, optimizer, **extra):
 
 # -----------------------------------------------------------------------------
 # training loop
+# out_dir/log.jsonl, one JSON row per step, written by rank 0 (a log it cannot read stops every rank)
+log = in_one_process(lambda: open_log(out_dir, start_step), master, ddp, device, f"reading {out_dir}/log.jsonl")
 model.train()
 t0, tokens_seen, train_metrics = time.time(), 0, {}
 # steps run 0 .. max_steps - 1; the extra pass at step == max_steps evaluates and saves the final weights

@@ -127,8 +127,6 @@ if init_from == 'resume':
 if master:
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, vocabulary {model_args['vocab_size']}")
 train_model = wrap_for_training(model, compile, ddp, device, grad_checkpoint)  # compiled and/or DDP; model stays the plain GPT
-# out_dir/log.jsonl, one JSON row per step, on rank 0: opened now, so a bad log (resumed) stops every process before any work
-log = in_one_process(lambda: open_log(out_dir, start_step), master, ddp, device, f"reading {out_dir}/log.jsonl")
 
 # -----------------------------------------------------------------------------
 # data: (prompt ids, response ids) pairs; the batch masks everything but the response
@@ -167,6 +165,8 @@ def save(step, best):
 
 # -----------------------------------------------------------------------------
 # training loop
+# out_dir/log.jsonl, one JSON row per step, written by rank 0 (a log it cannot read stops every rank)
+log = in_one_process(lambda: open_log(out_dir, start_step), master, ddp, device, f"reading {out_dir}/log.jsonl")
 model.train()
 t0, tokens_seen, loss_value = time.time(), 0, float('nan')
 # steps run 0 .. max_steps - 1; the extra pass at step == max_steps evaluates and saves the final weights

@@ -409,6 +409,16 @@ def test_open_log_starts_fresh_or_keeps_the_rows_before_the_resume_point(tmp_pat
         with pytest.raises(UserError, match=rf"log\.jsonl, line {line}: not a log row .*; fix or delete that line to resume"):
             common.open_log(str(tmp_path / 'run'), 2)
         assert path.read_text() == bad
+    path.write_bytes(lines[0].encode() + b'{"step": 1, "x": "\xff"}\n' + lines[1].encode())  # not UTF-8
+    with pytest.raises(UserError, match=r"log\.jsonl, line 2: not a log row"):
+        common.open_log(str(tmp_path / 'run'), 2)
+    # what the file system refuses is one line too: an out_dir that is a file, a log that is a directory
+    (tmp_path / 'file').write_text('')
+    with pytest.raises(UserError, match=r"file/log\.jsonl: cannot write the log: "):
+        common.open_log(str(tmp_path / 'file'), 0)
+    (tmp_path / 'dir' / 'log.jsonl').mkdir(parents=True)
+    with pytest.raises(UserError, match=r"dir/log\.jsonl: cannot write the log: Is a directory"):
+        common.open_log(str(tmp_path / 'dir'), 2)
 
 
 def test_in_one_process_runs_where_asked_and_raises_its_error():
@@ -421,3 +431,8 @@ def test_in_one_process_runs_where_asked_and_raises_its_error():
         raise UserError('data.jsonl:3: the problem')
     with pytest.raises(UserError, match='^data.jsonl:3: the problem$'):
         common.in_one_process(bad, True, False, 'cpu', 'x')
+
+    def bug():
+        raise KeyError('a bug')
+    with pytest.raises(KeyError, match='a bug'):  # a bug stays itself, traceback and all
+        common.in_one_process(bug, True, False, 'cpu', 'x')

@@ -40,10 +40,18 @@ def test_export_loads_in_transformers_with_the_same_logits_and_tokens(tmp_path, 
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
 
 
-def test_export_refuses_a_reward_model(tmp_path):
+def test_export_refuses_a_reward_model_and_a_directory_of_other_files(tmp_path):
     args = dict(block_size=48, vocab_size=512, n_layer=1, n_head=2, n_embd=16, dropout=0.0, bias=True)
     save_checkpoint(tmp_path / 'rm.pt', GPT(GPTConfig(**args, scalar_head=True)), None, dict(args, scalar_head=True), {},
                     'rm', 0, reward_offset=0.0)
     p = run_script('export.py', f'--ckpt={tmp_path / "rm.pt"}', f'--out_dir={tmp_path / "hf"}', check=False, timeout=60)
     assert p.returncode == 2 and "stage 'rm', expected ('sft', 'ppo', 'dpo')" in p.stderr and 'Traceback' not in p.stderr
     assert not (tmp_path / 'hf').exists()
+    # a directory holding other files (a tokenizer.json that transformers would read over vocab.json, say) is refused;
+    # one holding an earlier export is overwritten
+    save_checkpoint(tmp_path / 'sft.pt', GPT(GPTConfig(**args)), None, args, {}, 'sft', 0)
+    run_script('export.py', f'--ckpt={tmp_path / "sft.pt"}', f'--out_dir={tmp_path / "hf"}', timeout=60)
+    run_script('export.py', f'--ckpt={tmp_path / "sft.pt"}', f'--out_dir={tmp_path / "hf"}', timeout=60)
+    (tmp_path / 'hf' / 'tokenizer.json').write_text('{}')
+    p = run_script('export.py', f'--ckpt={tmp_path / "sft.pt"}', f'--out_dir={tmp_path / "hf"}', check=False, timeout=60)
+    assert p.returncode == 2 and 'holds other files (tokenizer.json): export into a new or empty directory' in p.stderr

@@ -451,3 +451,13 @@ def test_weights_with_a_nonfinite_val_loss_are_never_the_state_to_resume(tmp_pat
     if script == 'train_dpo.py':
         assert code == 0, stderr[-2000:]
         assert torch.load(out / 'best.pt', weights_only=True)['step'] == 0
+
+
+def test_a_fresh_run_that_fails_its_checks_keeps_the_old_log(tmp_path):
+    # the log is opened for the new run only once its data passed the checks: a typo leaves the old run's log alone
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'log.jsonl').write_text('{"step": 0, "val/loss": 1.0}\n')
+    (code, _, stderr), = run_all([('train_sft.py', sft_args(tmp_path) + ['--train_subset=4', f'--out_dir={out}'])], tmp_path)
+    assert code == 2 and '4 examples, fewer than one batch of 8' in stderr, stderr[-2000:]
+    assert (out / 'log.jsonl').read_text() == '{"step": 0, "val/loss": 1.0}\n'

@@ -94,13 +94,17 @@ def test_eval_refuses_wrong_checkpoints_and_settings_and_cuts_long_prompts(tmp_p
     rm = GPT(GPTConfig(**ARGS, scalar_head=True))
     save_checkpoint(tmp_path / 'rm.pt', rm, None, dict(ARGS, scalar_head=True), {}, 'rm', 0, reward_offset=0.0)
     save_checkpoint(tmp_path / 'rm_uncentred.pt', rm, None, dict(ARGS, scalar_head=True), {}, 'rm', 0)
+    short = dict(ARGS, block_size=16, scalar_head=True)
+    save_checkpoint(tmp_path / 'rm_short.pt', GPT(GPTConfig(**short)), None, short, {}, 'rm', 0, reward_offset=0.0)
     for args, message in [([f'--ckpts={tmp_path / "rm.pt"}', '--rm_ckpt='], "stage 'rm', expected ('sft', 'ppo', 'dpo')"),
                           ([f'--ckpts={sft}', f'--rm_ckpt={sft}'], "stage 'sft', expected 'rm'"),
                           ([f'--ckpts={sft}', f'--rm_ckpt={tmp_path / "rm_uncentred.pt"}'], 'before it centred the rewards'),
                           ([f'--ckpts={sft}', '--gold_judge=', '--rm_ckpt='], 'the reward model is the only judge: set rm_ckpt'),
                           ([f'--ckpts={sft}', '--gold_judge=gpt4'], "gold_judge must be 'tinyhh' or '' (none), got 'gpt4'"),
                           ([f'--ckpts={sft}', '--rm_ckpt=', '--max_prompt_len=61'],
-                           'max_prompt_len 61 + max_new_tokens 4 must fit in block_size 64')]:
+                           'max_prompt_len 61 + max_new_tokens 4 must fit in block_size 64'),
+                          ([f'--ckpts={sft}', f'--rm_ckpt={tmp_path / "rm_short.pt"}'],
+                           'reads at most 16 tokens, fewer than max_prompt_len 60 + max_new_tokens 4')]:
         p = run_script('eval.py', *EVAL_ARGS, *args, f'--baseline={sft}', f'--out_json={tmp_path / "e.json"}',
                        check=False, timeout=60)
         assert p.returncode == 2 and message in p.stderr and 'Traceback' not in p.stderr, p.stderr[-1000:]
@@ -220,12 +224,15 @@ def test_eval_spreads_prompts_names_rows_and_judges_the_crowd(tmp_path):
     out = json.loads((tmp_path / 'eval.json').read_text())
     assert out['prompts'] == [QUESTIONS[0], QUESTIONS[2]]  # 2 of 4, spread over the file
     assert list(out['results']) == ['crowd', 'sft', f'sft:{again}']  # a taken stage name gets the path
-    # the crowd, spread like the prompts (2 of 3): the gold judge's rates of the demonstrations, and their length in
-    # tokens (<|endoftext|> counted) up to max_new_tokens, as a model's answer is cut
+    # the crowd, spread like the prompts (2 of 3) and judged as a model's answer is, cut at max_new_tokens (4 here):
+    # the gold judge's rates of the cut demonstrations, which did not end, and their length in tokens
+    from common import decode_response
     enc, crowd = get_tokenizer(ARGS['vocab_size']), crowd[:2]
-    length = sum(min(len(encode_response(enc, r['response'])), 4) for r in crowd) / len(crowd)
-    assert out['results']['crowd'] == pytest.approx(dict(rates([analyze(r['prompt'], r['response']) for r in crowd]),
-                                                         length=length), nan_ok=True)  # no unknowable question: NaN
+    cut = [encode_response(enc, r['response'])[:4] for r in crowd]
+    assert all(len(encode_response(enc, r['response'])) > 4 for r in crowd)
+    want = rates([analyze(r['prompt'], decode_response(enc, t), False) for r, t in zip(crowd, cut)])
+    assert out['results']['crowd'] == pytest.approx(dict(want, length=4.0), nan_ok=True)  # no unknowable question: NaN
+    assert want['ended'] == 0 and want != rates([analyze(r['prompt'], r['response']) for r in crowd])
     # every model samples with the same seed: the same weights give the same answers, all ties, no KL
     assert out['samples']['sft'] == out['samples'][f'sft:{again}'] and len(out['samples']['sft']) == 2
     assert out['results'][f'sft:{again}']['ties'] == 1.0 and out['results'][f'sft:{again}']['kl'] == 0.0
@@ -247,6 +254,12 @@ def test_sample_reward_model_is_a_clear_error(tmp_path):
     sft = tiny_lm(tmp_path / 'sft.pt')
     p = run_script('sample.py', f'--ckpt={sft}', f'--rm_ckpt={sft}', '--prompt=hi', '--device=cpu', check=False, timeout=60)
     assert p.returncode == 2 and "stage 'sft', expected 'rm'" in p.stderr and 'Traceback' not in p.stderr, p.stderr
+    # and a reward model that reads fewer tokens than the policy writes
+    short = dict(ARGS, block_size=16, scalar_head=True)
+    save_checkpoint(tmp_path / 'rm_short.pt', GPT(GPTConfig(**short)), None, short, {}, 'rm', 0, reward_offset=0.0)
+    p = run_script('sample.py', f'--ckpt={sft}', f'--rm_ckpt={tmp_path / "rm_short.pt"}', '--prompt=hi', '--device=cpu',
+                   check=False, timeout=60)
+    assert p.returncode == 2 and "reads at most 16 tokens, fewer than" in p.stderr and 'Traceback' not in p.stderr, p.stderr
 
 
 def test_sample_interactive_until_eof(tmp_path):
