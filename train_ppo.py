@@ -115,6 +115,13 @@ def ppo_value_loss(values, old_values, returns, mask, cliprange_value):
     return loss, clipfrac
 
 
+def explained_variance(values, returns, mask):
+    """1 - Var(R - V) / Var(R) over the response tokens: the share of the returns' variance the value model
+    predicts (1: all of it, 0: no better than their mean, below 0: worse). A diagnostic, logged."""
+    m = mask.bool()
+    return 1 - (returns - values)[m].var() / returns[m].var().clamp(min=1e-8)
+
+
 def kl_estimators(logprobs, ref_logprobs):
     """Per-token estimators of KL(pi || pi_ref) from samples of pi (Schulman's k1 and k3). The penalty
     uses k1, log pi - log pi_ref (unbiased; a single token's value can be negative); k3 = (r - 1) - log r
@@ -356,15 +363,13 @@ for it in bar:
     # 6. the KL coefficient, and the iteration's statistics (averaged over all processes)
     kl_seq = kl.sum(1)  # summed over the response: KL(pi || pi_ref) of whole sequences
     k3_seq = (kl_estimators(old_logprobs, ref_logprobs)[1] * response_mask).sum(1)  # the same KL by k3: never negative
-    var_returns = returns[response_mask.bool()].var()
-    explained_var = 1 - (returns - old_values)[response_mask.bool()].var() / var_returns.clamp(min=1e-8)
     gold = torch.zeros(len(batch))
     if judge is not None:
         texts = [decode_response(enc, seq[i, P:P + lengths[i]].tolist()) for i in range(len(batch))]
         gold = torch.tensor([judge(records[i]['prompt'], t, e) for i, t, e in zip(batch_ids, texts, ended.tolist())])
     row = {'score': scores.mean(), 'rlhf_reward': (scores - kl_coef * kl_seq).mean(), 'kl': kl_seq.mean(),
            'kl_k3': k3_seq.mean(), 'gold': gold.mean(), 'response_length': lengths.float().mean(), 'ended': ended.float().mean(),
-           'explained_variance': explained_var, 'grad_norm': torch.stack(grad_norms).mean() if grad_norms else float('nan'),
+           'explained_variance': explained_variance(old_values, returns, response_mask), 'grad_norm': torch.stack(grad_norms).mean() if grad_norms else float('nan'),
            **{k: torch.stack(v).mean() for k, v in stats.items()}}
     row = {k: all_reduce_mean(torch.as_tensor(v, dtype=torch.float32, device=device), ddp).item() for k, v in row.items()}
     if adaptive_kl_ctl:

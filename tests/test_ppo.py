@@ -122,6 +122,18 @@ def test_whiten_over_valid_tokens():
     assert torch.all(w[~mask.bool()] == 0)
 
 
+def test_explained_variance_over_response_tokens():
+    # two rows, the second one token shorter; the padding holds values that would change every answer
+    returns = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 99.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    # the valid returns 1, 2, 3, 4, 5: mean 3, sample variance 2.5
+    assert ppo.explained_variance(returns.clone(), returns, mask) == 1.0  # V = R exactly
+    v = torch.full_like(returns, 3.0)  # the mean of the valid returns, everywhere
+    assert ppo.explained_variance(v, returns, mask).item() == pytest.approx(0.0, abs=1e-6)
+    v = torch.tensor([[2.0, 2.0, 2.0], [5.0, 5.0, -50.0]])  # residuals -1, 0, 1, -1, 0: variance 0.7
+    assert ppo.explained_variance(v, returns, mask).item() == pytest.approx(1 - 0.7 / 2.5, rel=1e-6)
+
+
 def test_adaptive_kl_controller():
     assert math.isclose(ppo.adaptive_kl(0.1, 12.0, 6.0, 10000, 64), 0.1 * (1 + 0.2 * 64 / 10000))  # error clipped at +0.2
     assert math.isclose(ppo.adaptive_kl(0.1, 5.4, 6.0, 10000, 64), 0.1 * (1 - 0.1 * 64 / 10000))
