@@ -30,6 +30,7 @@ model as a proxy for it (the DPO paper judged HH-RLHF answers with GPT-4 instead
     python eval.py config/eval_gpt2_hh.py                 # GPT-2 on HH-RLHF: the reward model judges
 """
 import json
+import math
 import os
 import time
 
@@ -120,6 +121,15 @@ def win_rates(scores, base_scores, margin, same):
     return (wins / (wins + losses) if wins + losses else None), 1 - (wins + losses) / len(diff)
 
 
+def strict_json(x):
+    """x with NaN and infinities as None: strict JSON has neither (a rate over no prompt of its kind is NaN)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, (list, tuple)):
+        return [strict_json(v) for v in x]
+    return {k: strict_json(v) for k, v in x.items()} if isinstance(x, dict) else x
+
+
 def sequence_logprobs(model, prompts, responses):
     """sum_t log pi(y_t | x, y_<t) at the sampling temperature, per (prompt, response)."""
     out = []
@@ -195,9 +205,10 @@ for name, row in results.items():
 os.makedirs(os.path.dirname(out_json) or '.', exist_ok=True)
 with open(out_json, 'w') as f:
     # scores: every prompt's, in the order of the prompts (prompts and samples: the first 50)
-    json.dump({'config': config, 'results': results, 'prompts': questions[:50],
-               'samples': {name: texts[:50] for name, (_, _, texts, _) in answers.items()},
-               'scores': {name: {'gold': gold, 'rm': rm} for name, (gold, rm, _, _) in answers.items()}}, f, indent=1)
+    json.dump(strict_json({'config': config, 'results': results, 'prompts': questions[:50],
+                           'samples': {name: texts[:50] for name, (_, _, texts, _) in answers.items()},
+                           'scores': {name: {'gold': gold, 'rm': rm} for name, (gold, rm, _, _) in answers.items()}}),
+              f, indent=1, allow_nan=False)
 step = max(1, len(questions) // n_samples)
 for i in range(0, min(step * n_samples, len(questions)), step):  # fewer prompts than n_samples: each once
     print(f"\nHuman: {questions[i]}")

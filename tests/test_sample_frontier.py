@@ -231,7 +231,9 @@ def test_eval_spreads_prompts_names_rows_and_judges_the_crowd(tmp_path):
     cut = [encode_response(enc, r['response'])[:4] for r in crowd]
     assert all(len(encode_response(enc, r['response'])) > 4 for r in crowd)
     want = rates([analyze(r['prompt'], decode_response(enc, t), False) for r, t in zip(crowd, cut)])
-    assert out['results']['crowd'] == pytest.approx(dict(want, length=4.0), nan_ok=True)  # no unknowable question: NaN
+    want = {k: None if v != v else v for k, v in dict(want, length=4.0).items()}  # no unknowable question: null, not NaN
+    assert out['results']['crowd'] == pytest.approx(want) and out['results']['crowd']['honest'] is None
+    json.loads((tmp_path / 'eval.json').read_text(), parse_constant=lambda c: pytest.fail(f'{c} in eval.json'))  # strict JSON
     assert want['ended'] == 0 and want != rates([analyze(r['prompt'], r['response']) for r in crowd])
     # every model samples with the same seed: the same weights give the same answers, all ties, no KL
     assert out['samples']['sft'] == out['samples'][f'sft:{again}'] and len(out['samples']['sft']) == 2
@@ -365,3 +367,12 @@ def test_eval_win_rates_count_ties_by_the_margin():
     same = [False, True, False, False, True, False]  # the loss and one win were the baseline's own answers
     assert win_rates(scores, base, 0.0, same) == pytest.approx((2 / 3, 1 / 2))
     assert win_rates([1e-12], [0.0], 0.0, [True]) == (None, 1.0)
+
+
+def test_eval_json_is_strict():
+    import math
+    from scripts import function_defs
+    (strict_json,) = function_defs('eval.py', 'strict_json', math=math)
+    x = {'a': float('nan'), 'b': [1.0, float('inf'), -float('inf')], 'c': {'d': (2, float('nan'))}, 'e': 'text', 'f': None}
+    assert strict_json(x) == {'a': None, 'b': [1.0, None, None], 'c': {'d': [2, None]}, 'e': 'text', 'f': None}
+    json.dumps(strict_json(x), allow_nan=False)
