@@ -214,11 +214,16 @@ def in_one_process(fn, here, ddp, device, what):
     return result
 
 
-def open_log(out_dir, resume_from):
-    """out_dir/log.jsonl, open for appending one JSON row per step or iteration ('step' or 'iter'). A fresh
+def open_log(out_dir, resume_from, master=True, ddp=False, device='cpu'):
+    """out_dir/log.jsonl, open for appending one JSON row per step or iteration ('step' or 'iter'), on the
+    master process (None on the others; a log it cannot read stops every process, in_one_process). A fresh
     run (resume_from 0) starts it empty. A resumed run keeps the rows before resume_from, the checkpoint's
-    step, and redoes the rest, so a run killed and resumed leaves the log of one that never stopped. Rows
-    are written whole and flushed one by one: only the last line can be torn, by a kill mid-write."""
+    step, and redoes the rest, so a run killed and resumed leaves the log of one that never stopped."""
+    return in_one_process(lambda: _reopen_log(out_dir, resume_from), master, ddp, device, f"reading {out_dir}/log.jsonl")
+
+
+def _reopen_log(out_dir, resume_from):
+    """open_log's work. Rows are written whole and flushed one by one: only the last line can be torn, by a kill."""
     path, kept = os.path.join(out_dir, 'log.jsonl'), []
     try:
         os.makedirs(out_dir, exist_ok=True)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (all_reduce_mean, check_finite, default_compile, default_device, default_dtype, end_ddp, get_lr,
-                    get_tokenizer, in_one_process, model_from_checkpoint, open_log, require_checkpoint, restore_rng,
+                    get_tokenizer, model_from_checkpoint, open_log, require_checkpoint, restore_rng,
                     save_checkpoint, setup, wrap_for_training)
 from configurator import check, configure
 from loaders import batch_indices, collate, read_jsonl, tokenize_prefs
@@ -184,9 +184,9 @@ def reference_logps(pairs, indices):
     return chosen, rejected
 
 
-# out_dir/log.jsonl, one JSON row per step, written by rank 0 (a log it cannot read stops every rank),
-# opened before the reference's log-probs are precomputed, which can take minutes
-log = in_one_process(lambda: open_log(out_dir, start_step), master, ddp, device, f"reading {out_dir}/log.jsonl")
+# out_dir/log.jsonl, one JSON row per step, by rank 0: opened before the reference's log-probs are
+# precomputed, which can take minutes
+log = open_log(out_dir, start_step, master, ddp, device)
 ref_train = ref_val = None
 if precompute_ref_logps:
     t = time.time()

@@ -41,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 from common import (all_reduce_mean, check_finite, decode_response, default_compile, default_device, default_dtype,
-                    end_ddp, get_tokenizer, in_one_process, model_from_checkpoint, open_log, require_checkpoint,
+                    end_ddp, get_tokenizer, model_from_checkpoint, open_log, require_checkpoint,
                     require_reward_model, restore_rng, sampling_logprobs_exact, save_checkpoint, setup,
                     wrap_for_training)
 from configurator import check, configure
@@ -285,8 +285,7 @@ def values_of(model, seq, seq_mask, P):
 
 # -----------------------------------------------------------------------------
 # training loop
-# out_dir/log.jsonl, one JSON row per iteration, written by rank 0 (a log it cannot read stops every rank)
-log = in_one_process(lambda: open_log(out_dir, start_iter), master, ddp, device, f"reading {out_dir}/log.jsonl")
+log = open_log(out_dir, start_iter, master, ddp, device)  # out_dir/log.jsonl: one JSON row per iteration, by rank 0
 t0 = time.time()
 row = dict.fromkeys(('score', 'kl', 'gold', 'ended'), float('nan'))  # no iteration yet: resuming a finished run
 bar = tqdm(range(start_iter, max_iters), initial=start_iter, total=max_iters, disable=not master, desc='ppo', mininterval=1.0)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (all_reduce_mean, check_finite, default_compile, default_device, default_dtype, end_ddp, get_lr,
-                    get_tokenizer, in_one_process, load_checkpoint, model_from_checkpoint, open_log, require_checkpoint,
+                    get_tokenizer, load_checkpoint, model_from_checkpoint, open_log, require_checkpoint,
                     restore_rng, save_checkpoint, setup, wrap_for_training)
 from configurator import check, configure
 from loaders import batch_indices, collate, read_jsonl, tokenize_prefs, tokenize_sft
@@ -216,8 +216,7 @@ def save(path, step, optimizer, **extra):
 
 # -----------------------------------------------------------------------------
 # training loop
-# out_dir/log.jsonl, one JSON row per step, written by rank 0 (a log it cannot read stops every rank)
-log = in_one_process(lambda: open_log(out_dir, start_step), master, ddp, device, f"reading {out_dir}/log.jsonl")
+log = open_log(out_dir, start_step, master, ddp, device)  # out_dir/log.jsonl: one JSON row per step, by rank 0
 model.train()
 t0, tokens_seen, train_metrics = time.time(), 0, {}
 # steps run 0 .. max_steps - 1; the extra pass at step == max_steps evaluates and saves the final weights

@@ -165,8 +165,7 @@ def save(step, best):
 
 # -----------------------------------------------------------------------------
 # training loop
-# out_dir/log.jsonl, one JSON row per step, written by rank 0 (a log it cannot read stops every rank)
-log = in_one_process(lambda: open_log(out_dir, start_step), master, ddp, device, f"reading {out_dir}/log.jsonl")
+log = open_log(out_dir, start_step, master, ddp, device)  # out_dir/log.jsonl: one JSON row per step, by rank 0
 model.train()
 t0, tokens_seen, loss_value = time.time(), 0, float('nan')
 # steps run 0 .. max_steps - 1; the extra pass at step == max_steps evaluates and saves the final weights

@@ -193,3 +193,14 @@ def run_script(name, *args, timeout=300, check=True, env=None):
 def read_log(path):
     with open(path) as f:
         return [json.loads(line) for line in f]
+
+
+def assert_same_log(a_path, b_path):
+    """Two runs' log.jsonl, row for row: the same keys in the same order, the same numbers (to float32 noise).
+    Returns the second log."""
+    import pytest
+    a, b = read_log(a_path), read_log(b_path)
+    assert [list(row) for row in a] == [list(row) for row in b]
+    for a_row, b_row in zip(a, b):
+        assert a_row == pytest.approx(b_row, rel=1e-5, abs=1e-6)
+    return b

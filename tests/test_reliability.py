@@ -22,7 +22,7 @@ import torch
 
 from common import save_checkpoint
 from model import GPT, GPTConfig
-from scripts import ROOT, finish, read_log, start_python
+from scripts import ROOT, assert_same_log, finish, read_log, start_python
 from test_ppo import make_tiny_world
 
 ENV = {'OMP_NUM_THREADS': '1'}  # one thread per process: the models are tiny and the CPU is shared
@@ -188,10 +188,7 @@ def test_resume_after_sigkill_matches_straight_run(tmp_path, stage):
         assert a['kl_coef'] == b['kl_coef']
     # the log: the resumed run dropped the rows after its checkpoint and redid them, so it reads like the straight
     # run's, row for row (which the no-op resume left as it was), the same numbers step by step
-    straight_log, resumed_log = read_log(straight_dir / 'log.jsonl'), read_log(killed_dir / 'log.jsonl')
-    assert [list(row) for row in straight_log] == [list(row) for row in resumed_log]
-    for a_row, b_row in zip(straight_log, resumed_log):
-        assert a_row == pytest.approx(b_row, rel=1e-5, abs=1e-6)
+    assert_same_log(straight_dir / 'log.jsonl', killed_dir / 'log.jsonl')
 
 # -----------------------------------------------------------------------------
 # non-finite numbers
