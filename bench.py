@@ -168,13 +168,13 @@ def measure_peak_flops():
     n, reps = PEAK_MATMUL
     mm_dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
     a, b = (torch.randn(n, n, device=device, dtype=mm_dtype) for _ in range(2))
-    best = float('inf')
-    for _ in range(6):  # the first round warms up
+    times = []
+    for _ in range(6):
         t0 = clock()
         for _ in range(reps):
             a @ b
-        best = min(best, (clock() - t0) / reps)
-    return 2 * n ** 3 / best
+        times.append((clock() - t0) / reps)
+    return 2 * n ** 3 / min(times[1:])  # the first round warms up
 
 
 # -----------------------------------------------------------------------------
