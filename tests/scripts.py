@@ -50,12 +50,15 @@ def function_defs(name, *functions, **names):
 # at exit) and runs the script. Environment variables that only take effect when an interpreter or
 # torch starts can't be set that way: a run given any other than OMP_NUM_THREADS gets a fresh
 # interpreter, and RLHF_TESTS_SUBPROCESS=1 gives every run one (slower; the check that the shortcut
-# changes nothing: the suite passes both ways).
+# changes nothing: the suite passes both ways). The server also imports torch._dynamo, which the first
+# optimizer a script builds would import (another 1.5 s a run).
 FRESH_INTERPRETER = os.environ.get('RLHF_TESTS_SUBPROCESS') == '1'
 # offline: a proxy on a closed port refuses every connection, and no host bypasses it
 OFFLINE_ENV = {'https_proxy': 'http://127.0.0.1:9', 'HTTPS_PROXY': 'http://127.0.0.1:9', 'no_proxy': '', 'NO_PROXY': ''}
+# environment variables read when they are used (a download, the GPT-2 cache), not when the interpreter starts
+READ_AT_RUN_TIME = {'OMP_NUM_THREADS', 'GPT2_CACHE', *OFFLINE_ENV}
 _forkserver = multiprocessing.get_context('forkserver')
-_forkserver.set_forkserver_preload(['torch', 'tiktoken', 'tqdm'])
+_forkserver.set_forkserver_preload(['torch', 'torch._dynamo', 'tiktoken', 'tqdm'])
 _BASE_PATH = None  # sys.path of a fresh interpreter, less its first entry (the script's directory)
 
 
@@ -148,7 +151,7 @@ def start_python(argv, out, err=None, env=None):
     global _BASE_PATH
     argv, full_env = [str(a) for a in argv], dict(os.environ, PYTHONUNBUFFERED='1', **(env or {}))
     with open(out, 'ab') as o, open(err or out, 'ab') as e:  # the files exist whatever happens next
-        forkable = set(env or {}) <= {'OMP_NUM_THREADS'} and full_env.get('OMP_NUM_THREADS', '1').isdigit()
+        forkable = set(env or {}) <= READ_AT_RUN_TIME and full_env.get('OMP_NUM_THREADS', '1').isdigit()
         if FRESH_INTERPRETER or not forkable or not (argv[0] in ('-c', '-m') or os.path.isfile(ROOT / argv[0])):
             return subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=o, stderr=e, env=full_env)
     if _BASE_PATH is None:

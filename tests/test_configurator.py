@@ -8,7 +8,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from configurator import ConfigError, check, configure  # noqa: E402
-from scripts import OFFLINE_ENV  # noqa: E402
+from scripts import OFFLINE_ENV, run_python  # noqa: E402
 
 
 class Model:
@@ -277,9 +277,8 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path):
 def test_real_scripts_stop_with_one_line(script, args, message, tmp_path):
     (tmp_path / 'sft.jsonl').write_text('{"prompt": "Hi", "response": "Hello."}\n')
     args = [a.format(tmp=tmp_path) for a in args]
-    env = dict(os.environ, GPT2_CACHE=str(tmp_path), **OFFLINE_ENV)
-    p = subprocess.run([sys.executable, script, *args, '--device=cpu' if 'device' not in args[0] else args[0]],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    p = run_python([script, *args, '--device=cpu' if 'device' not in args[0] else args[0]], timeout=120,
+                   env=dict(GPT2_CACHE=str(tmp_path), **OFFLINE_ENV))
     assert p.returncode in (1, 2) and message in p.stderr and 'Traceback' not in p.stderr, p.stderr
 
 
@@ -306,8 +305,7 @@ FAKE_CUDA = ("import runpy, sys, torch\n"
 def test_gpu_fast_path_is_the_default_on_cuda_only(where, want):
     """--help prints the resolved defaults; on a (faked) CUDA machine compile is on and training
     runs in bf16 on the GPU, on a CPU compile is off and the dtype is fp32."""
-    p = subprocess.run([sys.executable, '-c', FAKE_CUDA, where, *SCRIPTS], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+    p = run_python(['-c', FAKE_CUDA, where, *SCRIPTS], timeout=120)
     assert p.returncode == 0, p.stderr
     helps = dict(part.split('\n', 1) for part in p.stdout.split('=== ')[1:])
     assert sorted(helps) == sorted(SCRIPTS)
