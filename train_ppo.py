@@ -321,8 +321,8 @@ for it in bar:
     advantages = whiten(advantages, response_mask, ddp)
 
     # 5. PPO update: ppo_epochs passes over the rollout in minibatches
-    stats = {k: [] for k in ('pg_loss', 'vf_loss', 'pg_clipfrac', 'vf_clipfrac', 'approxkl', 'ratio', 'entropy')}
-    ratio_dev, grad_norms = None, []
+    stat_keys = ('pg_loss', 'vf_loss', 'pg_clipfrac', 'vf_clipfrac', 'approxkl', 'ratio', 'entropy')
+    mb_sums, ratio_dev, grad_norms = [], None, []  # mb_sums: each minibatch's statistics summed over its tokens, and its token count
     mb_rows, micro_rows = mini_batch_size // world_size, micro_batch_size
     for epoch in range(ppo_epochs):
         order = torch.randperm(len(batch))
@@ -331,6 +331,7 @@ for it in bar:
             # each token weighs the same in the minibatch's loss, whatever micro-batch or process it sits in
             mb_tokens = all_reduce_mean(response_mask[mb].sum(), ddp) * world_size
             mb_loss = 0.0  # the minibatch's loss: the sum of the micro-batches' shares
+            mb_sums.append(torch.zeros(len(stat_keys) + 1, device=device))
             for k in range(0, len(mb), micro_rows):
                 rows = mb[k:k + micro_rows]
                 if ddp:  # sync gradients only on the last micro-batch
@@ -348,9 +349,8 @@ for it in bar:
                 mb_loss += loss.detach()
                 if ratio_dev is None:  # the first micro-batch: no step taken yet, so pi == pi_old up to rounding
                     ratio_dev = ((ratio - 1).abs() * mask).max().item()
-                for key, v in zip(stats, (pg_loss, vf_loss, pg_clipfrac, vf_clipfrac, approxkl,
-                                          masked_mean(ratio, mask), masked_mean(entropy, mask))):
-                    stats[key].append(v.detach())
+                stats = (pg_loss, vf_loss, pg_clipfrac, vf_clipfrac, approxkl, masked_mean(ratio, mask), masked_mean(entropy, mask))
+                mb_sums[-1] += torch.stack([v.detach().float() for v in stats] + [torch.ones((), device=device)]) * mask.sum()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
             # the minibatch's loss (the mean over processes of their shares, as grad_norm is): every rank decides alike
             mean_loss = all_reduce_mean(mb_loss, ddp).item()
@@ -368,9 +368,12 @@ for it in bar:
         gold = torch.tensor([judge(records[i]['prompt'], t, e) for i, t, e in zip(batch_ids, texts, ended.tolist())])
     row = {'score': scores.mean(), 'rlhf_reward': (scores - kl_coef * kl_seq).mean(), 'kl': kl_seq.mean(),
            'kl_k3': k3_seq.mean(), 'gold': gold.mean(), 'response_length': lengths.float().mean(), 'ended': ended.float().mean(),
-           'explained_variance': explained_variance(old_values, returns, response_mask), 'grad_norm': torch.stack(grad_norms).mean() if grad_norms else float('nan'),
-           **{k: torch.stack(v).mean() for k, v in stats.items()}}
+           'explained_variance': explained_variance(old_values, returns, response_mask), 'grad_norm': torch.stack(grad_norms).mean() if grad_norms else float('nan')}
     row = {k: all_reduce_mean(torch.as_tensor(v, dtype=torch.float32, device=device), ddp).item() for k, v in row.items()}
+    # the update's statistics: each minibatch's mean over its tokens on all processes (what its loss averages, whatever
+    # the micro-batches), then the mean over the optimizer steps
+    sums = all_reduce_mean(torch.stack(mb_sums), ddp)  # (minibatches, len(stat_keys) + 1)
+    row.update(zip(stat_keys, (sums[:, :-1] / sums[:, -1:]).mean(0).tolist()))
     if adaptive_kl_ctl:
         kl_coef = adaptive_kl(kl_coef, row['kl'], target_kl, kl_horizon, batch_size)
     if master:

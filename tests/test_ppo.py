@@ -207,6 +207,10 @@ def test_ppo_micro_batches_do_not_change_the_update(tmp_path):
     for key in ('model', 'value_model'):
         for k, v in states[4][key].items():
             torch.testing.assert_close(states[1][key][k], v, rtol=1e-4, atol=1e-6, msg=f"{key}.{k}")
+    # and the logged means are over the minibatch's response tokens, not over micro-batches of unequal token counts
+    rows = {micro: read_log(tmp_path / f'micro{micro}' / 'log.jsonl')[0] for micro in (4, 1)}
+    for k in ('pg_loss', 'vf_loss', 'pg_clipfrac', 'vf_clipfrac', 'approxkl', 'ratio', 'entropy'):
+        assert rows[1][k] == pytest.approx(rows[4][k], rel=1e-4, abs=1e-6), k
 
 
 def test_ppo_first_policy_loss_is_the_mean_of_whitened_advantages(tmp_path):
