@@ -155,7 +155,13 @@ def load_checkpoint(path, stage=None, hint=''):
     that it was written by that stage; hint says which script makes the file when it is missing."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found{': ' + hint if hint else ''}")
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # a directory, a truncated copy, an empty or foreign file: a bad setting, not a bug
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split('. ')[0]  # torch's first sentence
+        raise ValueError(f"{path}: not a readable checkpoint (truncated, corrupt or not a checkpoint?): {first}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: not a checkpoint of this project (a {type(ckpt).__name__}, not a dict)")
     if stage is not None and ckpt.get('stage') not in ((stage,) if isinstance(stage, str) else stage):
         raise ValueError(f"{path} is a checkpoint of stage {ckpt.get('stage')!r}, expected {stage!r}")
     return ckpt
@@ -222,29 +228,36 @@ def open_log(out_dir, resume_from, master=True, ddp=False, device='cpu'):
     return in_one_process(lambda: _reopen_log(out_dir, resume_from), master, ddp, device, f"reading {out_dir}/log.jsonl")
 
 
+def log_rows(path):
+    """The rows of a log.jsonl: JSON objects with a 'step' or an 'iter'. Rows are written whole and flushed one by one,
+    so only the last line can be torn, by a kill: it is left out. Any other bad line stops with a UserError naming it."""
+    with open(path, 'rb') as f:
+        lines = f.read().split(b'\n')  # the last piece: empty after a final newline, else a line without one
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue  # a blank line: no row
+        try:
+            row = json.loads(line.decode('utf-8'))
+        except ValueError:  # invalid UTF-8 or JSON
+            row = None
+        if not (isinstance(row, dict) and isinstance(row.get('step', row.get('iter')), (int, float))):
+            if i == len(lines) - 1:
+                break  # the torn last line of a killed run
+            raise UserError(f"{path}, line {i + 1}: not a log row (a JSON object with a 'step' or 'iter'); "
+                            f"fix or delete that line") from None
+        rows.append(row)
+    return rows
+
+
 def _reopen_log(out_dir, resume_from):
-    """open_log's work. Rows are written whole and flushed one by one: only the last line can be torn, by a kill."""
-    path, kept = os.path.join(out_dir, 'log.jsonl'), []
+    """open_log's work: the rows before resume_from are kept (a torn last line's step comes after the checkpoint)."""
+    path = os.path.join(out_dir, 'log.jsonl')
     try:
         os.makedirs(out_dir, exist_ok=True)
-        if resume_from > 0 and os.path.exists(path):
-            with open(path, 'rb') as f:
-                lines = f.read().split(b'\n')  # the last piece: empty after a final newline, else a line without one
-            for i, line in enumerate(lines):
-                if not line.strip():
-                    continue  # a blank line: no row
-                try:
-                    row = json.loads(line.decode('utf-8'))
-                    before = (row['step'] if 'step' in row else row['iter']) < resume_from
-                except (ValueError, KeyError, TypeError):  # invalid UTF-8 or JSON, no step, a step of another type
-                    if i == len(lines) - 1:
-                        break  # the torn last line of a killed run: its step comes after the checkpoint
-                    raise UserError(f"{path}, line {i + 1}: not a log row (a JSON object with a 'step' or 'iter'); "
-                                    f"fix or delete that line to resume") from None
-                if before:
-                    kept.append(line.decode('utf-8') + '\n')
+        rows = log_rows(path) if resume_from > 0 and os.path.exists(path) else []
         with open(path + '.tmp', 'w') as f:  # the kept rows, atomically: a kill now leaves the old log or the new
-            f.writelines(kept)
+            f.writelines(json.dumps(row) + '\n' for row in rows if row.get('step', row.get('iter')) < resume_from)
         os.replace(path + '.tmp', path)
         return open(path, 'a')
     except OSError as e:  # out_dir is a file, the log a directory, no permission, a full disk

@@ -105,9 +105,17 @@ def overrides(argv, keys):
         else:
             if not os.path.isfile(arg):
                 raise ConfigError(f"config file not found: '{arg}'")
+            if not arg.endswith('.py'):  # a data file or a checkpoint given as an argument; a JSONL file is even valid Python
+                raise ConfigError(f"'{arg}' is not a config file (a .py file): a data file or checkpoint is "
+                                  f"given with its key, --key={arg} (--help lists the keys)")
             namespace = {'__file__': arg}
-            with open(arg) as f:
-                exec(compile(f.read(), arg, 'exec'), namespace)
+            try:
+                with open(arg, encoding='utf-8') as f:
+                    code = compile(f.read(), arg, 'exec')
+            except (SyntaxError, UnicodeDecodeError) as e:
+                where = f"{arg}:{e.lineno}" if getattr(e, 'lineno', None) else arg
+                raise ConfigError(f"{where}: not a valid Python config file ({e.msg if isinstance(e, SyntaxError) else e})") from None
+            exec(code, namespace)
             for key, value in namespace.items():
                 if not key.startswith('_') and not isinstance(value, types.ModuleType) \
                         and not callable(value):  # callable: functions and classes

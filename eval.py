@@ -39,7 +39,7 @@ import torch
 from common import (check_device, decode_response, default_device, encode_response, get_tokenizer, model_from_checkpoint,
                     require_checkpoint, require_reward_model)
 from configurator import check, configure
-from data.tinyhh.world import analyze, mean, rates
+from data.tinyhh.world import analyze, mean, parse_prompt, rates
 from loaders import collate, read_jsonl, spread, tokenize_prompts
 
 # -----------------------------------------------------------------------------
@@ -68,11 +68,26 @@ check(n_prompts >= 0, "n_prompts must be >= 0 (0: all)")
 check(gold_judge in ('tinyhh', ''), f"gold_judge must be 'tinyhh' or '' (none), got {gold_judge!r}")
 check(gold_judge or rm_ckpt, "with no gold judge (gold_judge='') the reward model is the only judge: set rm_ckpt")
 check(max_prompt_len >= 0 and max_new_tokens > 0, "max_prompt_len must be >= 0 (0: what block_size leaves), max_new_tokens > 0")
+check(batch_size > 0 and n_samples >= 0, "need batch_size > 0 and n_samples >= 0")
+check(tie_margin >= 0, f"tie_margin must be >= 0, got {tie_margin}")
+check(all(path.strip() for path in ckpts.split(',')), f"ckpts {ckpts!r} has an empty name (a stray comma?)")
 check_device(device)
+check(not os.path.isdir(out_json), f"out_json {out_json!r} is a directory: give a file name, e.g. {os.path.join(out_json, 'eval.json')}")
+try:  # a path that cannot be written fails now, not after minutes of sampling
+    os.makedirs(os.path.dirname(out_json) or '.', exist_ok=True)
+except OSError as e:
+    check(False, f"out_json {out_json!r}: cannot make its directory: {e.strerror or e}")
+check(os.access(out_json if os.path.exists(out_json) else (os.path.dirname(out_json) or '.'), os.W_OK),
+      f"out_json {out_json!r} cannot be written (permission denied)")
 torch.set_grad_enabled(False)
 
 records = spread(read_jsonl(prompt_file, 'rl'), n_prompts)  # the file lists the kinds one after the other
 questions = [r['prompt'] for r in records]
+if gold_judge:  # the judge knows the built-in world's questions only: any other prompt scores as garbage, silently
+    unknown = [i for i, q in enumerate(questions) if parse_prompt(q)['kind'] == 'unknown']
+    check(not unknown, f"{prompt_file}: {len(unknown)} of {len(questions)} prompts are not questions of the built-in "
+          f"world (the first: {questions[unknown[0]][:60]!r}), which its gold judge cannot score: "
+          f"for other data use gold_judge='' and the reward model (rm_ckpt)" if unknown else '')
 
 
 def load(path, stages):
@@ -209,8 +224,8 @@ with open(out_json, 'w') as f:
                            'samples': {name: texts[:50] for name, (_, _, texts, _) in answers.items()},
                            'scores': {name: {'gold': gold, 'rm': rm} for name, (gold, rm, _, _) in answers.items()}}),
               f, indent=1, allow_nan=False)
-step = max(1, len(questions) // n_samples)
-for i in range(0, min(step * n_samples, len(questions)), step):  # fewer prompts than n_samples: each once
+step = max(1, len(questions) // max(n_samples, 1))
+for i in range(0, min(step * n_samples, len(questions)), step):  # fewer prompts than n_samples: each once; 0: none
     print(f"\nHuman: {questions[i]}")
     for name, (gold, rm, texts, _) in answers.items():  # [the gold score] or, without a gold judge, [the reward model's]
         print(f"  {name:>8} [{(gold if gold_judge else rm)[i]:+.2f}] {texts[i]}")

@@ -68,6 +68,7 @@ check(len(vocab) == V, f"the tokenizer has {len(vocab)} tokens, the model {V}")
 
 # a directory of the export's files only: transformers would read any other (tokenizer.json, say) over them
 written = ('config.json', 'model.safetensors', 'vocab.json', 'merges.txt', 'tokenizer_config.json')
+check(not os.path.exists(out_dir) or os.path.isdir(out_dir), f"out_dir {out_dir!r} is a file: export into a new or empty directory")
 others = sorted(set(os.listdir(out_dir)) - set(written)) if os.path.isdir(out_dir) else []
 check(not others, f"{out_dir} holds other files ({', '.join(others[:4])}): export into a new or empty directory")
 

@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 
+from common import log_rows
 from configurator import check, configure
 
 # -----------------------------------------------------------------------------
@@ -148,9 +149,9 @@ def plot_frontier(eval_json, png):
 def plot_curves(run_dir):
     """PPO: score, kl and gold per iteration. SFT, reward model, DPO: train and val loss (and accuracy) per step.
     Both: the gradient norm before clipping, when the log has it."""
-    with open(os.path.join(run_dir, 'log.jsonl')) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    rows = [row for row in rows if not row.get('final')]  # the reward model's last rows: the whole val and test splits
+    path = os.path.join(run_dir, 'log.jsonl')
+    # a killed run's torn last line is left out; so are the reward model's final rows (the whole val and test splits)
+    rows = [row for row in log_rows(path) if not row.get('final')]
     if any('score' in row for row in rows):
         x, panels = 'iter', [['score'], ['kl'], ['gold']]
     else:
@@ -160,6 +161,8 @@ def plot_curves(run_dir):
                 panels.append([f'train/{acc}', f'val/{acc}'])
     if any('grad_norm' in row for row in rows):
         panels.append(['grad_norm'])
+    panels = [keys for keys in panels if any(k in row for row in rows for k in keys)]  # e.g. no gold: no gold judge
+    check(panels, f"{path}: no known keys in the log")
     plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
     drawn = []  # what each curve holds, printed at the end

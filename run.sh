@@ -3,13 +3,14 @@
 # of its own script:  prepare -> SFT -> reward model -> PPO -> DPO -> evaluate.
 #
 #   bash run.sh            # reuses the stages that already finished
-#   bash run.sh --fresh    # starts over (deletes out/)
+#   bash run.sh --fresh    # starts over: deletes this pipeline's runs (out/sft, rm, ppo, dpo, eval.json) and the
+#                          # frontier sweep built on them (out/frontier); other runs in out/ (the *_hh ones) stay
 #
 # Any extra --key=value arguments go to every training script, so only keys all four share work
 # there: device, dtype, compile, seed, grad_checkpoint, ... (e.g. --device=cuda).
 set -euo pipefail
 cd "$(dirname "$0")"
-if [ "${1:-}" = "--fresh" ]; then rm -rf out; shift; fi
+if [ "${1:-}" = "--fresh" ]; then rm -rf out/sft out/rm out/ppo out/dpo out/eval.json out/frontier; shift; fi
 start=$(date +%s)
 
 python data/tinyhh/prepare.py --if_stale=True  # (re)writes the data when it is missing or came from other code

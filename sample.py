@@ -5,6 +5,7 @@ the models were trained with (common.encode_prompt / decode_response).
     python sample.py --ckpt=out/ppo/ckpt.pt --prompt="What is the capital of France?"
     python sample.py --ckpt=out/dpo/best.pt --num_samples=4 --temperature=1.0
     python sample.py --ckpt=out/sft/best.pt --prompt_file=questions.txt   # one question per line
+    python sample.py --ckpt=out/sft/best.pt --prompt_file=data/tinyhh/eval_prompts.jsonl   # each line's "prompt"
     python sample.py --ckpt=out/sft/best.pt                                # interactive: a question per line, 'quit' or EOF ends
 
 Each answer says whether it ended with <|endoftext|> or ran out of tokens, and (unless --judge=False),
@@ -21,12 +22,13 @@ import torch
 from common import decode_response, default_device, default_dtype, encode_prompt, get_tokenizer, \
     model_from_checkpoint, require_checkpoint, require_reward_model, setup
 from configurator import check, configure
+from loaders import read_jsonl
 
 # -----------------------------------------------------------------------------
 # default config values
 ckpt = 'out/ppo/ckpt.pt'      # the checkpoint to chat with (stage sft, ppo or dpo)
 prompt = ''                   # one question to answer ('' and no prompt_file: interactive loop)
-prompt_file = ''              # a text file: answer each non-empty line
+prompt_file = ''              # a text file: answer each non-empty line (a .jsonl file: each line's "prompt")
 num_samples = 1               # answers per question
 max_new_tokens = 64           # response tokens at most
 temperature = 0.7             # 0: greedy decoding
@@ -105,6 +107,8 @@ def answer(question):
 
 if prompt:
     questions = [prompt]
+elif prompt_file.endswith('.jsonl'):  # the RL-prompt schema, {"prompt": str} a line, as eval.py and PPO read
+    questions = [r['prompt'] for r in read_jsonl(prompt_file, 'rl')]
 elif prompt_file:
     questions = []
     with open(prompt_file, 'rb') as f:

@@ -193,6 +193,10 @@ check(target_kl > 0 and kl_horizon > 0, "target_kl and kl_horizon must be > 0")
 check(init_from in ('sft', 'resume'), f"init_from must be 'sft' or 'resume', got {init_from!r}")
 check(decode in ('dynamic', 'static', 'compiled'), f"decode must be 'dynamic', 'static' or 'compiled', got {decode!r}")
 check(max_iters > 0 and ppo_epochs > 0 and max_prompt_len > 0 and max_new_tokens > 0, "sizes must be > 0")
+check(batch_size > 0 and mini_batch_size > 0 and micro_batch_size > 0, "batch_size, mini_batch_size, micro_batch_size must be > 0")
+check(learning_rate > 0 and weight_decay >= 0 and grad_clip >= 0, "need learning_rate > 0, weight_decay >= 0, grad_clip >= 0")
+check(ckpt_interval > 0 and sample_interval > 0, "ckpt_interval and sample_interval must be > 0")
+check(gold_judge in ('tinyhh', ''), f"gold_judge must be 'tinyhh' or '' (none), got {gold_judge!r}")
 check(batch_size % mini_batch_size == 0, f"batch_size {batch_size} must be divisible by mini_batch_size {mini_batch_size}")
 
 # -----------------------------------------------------------------------------
@@ -212,8 +216,9 @@ rm = require_reward_model(rm_ckpt,
                           hint=f'train it first: python train_reward_model.py [its config file] --out_dir={os.path.dirname(rm_ckpt)}')
 check(sft['model_args']['vocab_size'] == rm['model_args']['vocab_size'],
       f"{sft_ckpt} and {rm_ckpt} use different vocabularies ({sft['model_args']['vocab_size']} vs {rm['model_args']['vocab_size']})")
-check(max_prompt_len + max_new_tokens <= sft['model_args']['block_size'],
-      f"max_prompt_len {max_prompt_len} + max_new_tokens {max_new_tokens} > block_size {sft['model_args']['block_size']}")
+for path, ckpt in ((sft_ckpt, sft), (rm_ckpt, rm)):  # the reward and value models read the whole rollout too
+    check(max_prompt_len + max_new_tokens <= ckpt['model_args']['block_size'],
+          f"max_prompt_len {max_prompt_len} + max_new_tokens {max_new_tokens} > {path}'s block_size {ckpt['model_args']['block_size']}")
 policy, model_args = model_from_checkpoint(sft)
 ref_model, _ = model_from_checkpoint(sft)
 reward_model, _ = model_from_checkpoint(rm)
@@ -283,11 +288,15 @@ def values_of(model, seq, seq_mask, P):
     return model(seq[:, :-1], attention_mask=seq_mask[:, :-1])[0][:, P - 1:]
 
 
+def gold_text(row):
+    return f"gold {row['gold']:.3f}" if 'gold' in row else 'no gold judge'
+
+
 # -----------------------------------------------------------------------------
 # training loop
 log = open_log(out_dir, start_iter, master, ddp, device)  # out_dir/log.jsonl: one JSON row per iteration, by rank 0
 t0 = time.time()
-row = dict.fromkeys(('score', 'kl', 'gold', 'ended'), float('nan'))  # no iteration yet: resuming a finished run
+row = dict.fromkeys(('score', 'kl', 'ended', *(['gold'] if judge else [])), float('nan'))  # no iteration yet: resuming a finished run
 bar = tqdm(range(start_iter, max_iters), initial=start_iter, total=max_iters, disable=not master, desc='ppo', mininterval=1.0)
 for it in bar:
     # the iteration's random numbers (sampling, minibatch order) depend on (seed, it, rank) only, like its
@@ -362,12 +371,12 @@ for it in bar:
     # 6. the KL coefficient, and the iteration's statistics (averaged over all processes)
     kl_seq = kl.sum(1)  # summed over the response: KL(pi || pi_ref) of whole sequences
     k3_seq = (kl_estimators(old_logprobs, ref_logprobs)[1] * response_mask).sum(1)  # the same KL by k3: never negative
-    gold = torch.zeros(len(batch))
+    gold = {}  # the gold judge's mean score of the rollouts; without a judge, none (the log has no 'gold')
     if judge is not None:
         texts = [decode_response(enc, seq[i, P:P + lengths[i]].tolist()) for i in range(len(batch))]
-        gold = torch.tensor([judge(records[i]['prompt'], t, e) for i, t, e in zip(batch_ids, texts, ended.tolist())])
+        gold['gold'] = torch.tensor([judge(records[i]['prompt'], t, e) for i, t, e in zip(batch_ids, texts, ended.tolist())]).mean()
     row = {'score': scores.mean(), 'rlhf_reward': (scores - kl_coef * kl_seq).mean(), 'kl': kl_seq.mean(),
-           'kl_k3': k3_seq.mean(), 'gold': gold.mean(), 'response_length': lengths.float().mean(), 'ended': ended.float().mean(),
+           'kl_k3': k3_seq.mean(), **gold, 'response_length': lengths.float().mean(), 'ended': ended.float().mean(),
            'explained_variance': explained_variance(old_values, returns, response_mask), 'grad_norm': torch.stack(grad_norms).mean() if grad_norms else float('nan')}
     row = {k: all_reduce_mean(torch.as_tensor(v, dtype=torch.float32, device=device), ddp).item() for k, v in row.items()}
     # the update's statistics: each minibatch's mean over its tokens on all processes (what its loss averages, whatever
@@ -380,9 +389,9 @@ for it in bar:
         row.update(iter=it, kl_coef=kl_coef, **{'check/ratio_dev': ratio_dev})
         log.write(json.dumps(row) + '\n')
         log.flush()
-        bar.set_postfix(score=f"{row['score']:.3f}", kl=f"{row['kl']:.2f}", gold=f"{row['gold']:.3f}")
+        bar.set_postfix_str(f"score {row['score']:.3f}, kl {row['kl']:.2f}, {gold_text(row)}")
         if it % sample_interval == 0 or it == max_iters - 1:
-            tqdm.write(f"iter {it}: score {row['score']:.3f} kl {row['kl']:.3f} gold {row['gold']:.3f} "
+            tqdm.write(f"iter {it}: score {row['score']:.3f} kl {row['kl']:.3f} {gold_text(row)} "
                        f"len {row['response_length']:.1f} ended {row['ended']:.2f} clipfrac {row['pg_clipfrac']:.3f} "
                        f"approxkl {row['approxkl']:.4f} entropy {row['entropy']:.3f} vf_loss {row['vf_loss']:.4f} "
                        f"explained_var {row['explained_variance']:.3f}")
@@ -394,7 +403,7 @@ for it in bar:
 
 if master:
     print(f"done: {max_iters} iterations in {time.time() - t0:.0f} s; last score {row['score']:.3f}, kl {row['kl']:.3f}, "
-          f"gold {row['gold']:.3f}, ended {row['ended']:.2f}; policy in {out_dir}/ckpt.pt")
+          f"{gold_text(row)}, ended {row['ended']:.2f}; policy in {out_dir}/ckpt.pt")
     log.close()
 if ddp:
     end_ddp()  # all ranks done, then out of the process group and the process

@@ -37,7 +37,7 @@ from common import (all_reduce_mean, check_finite, default_compile, default_devi
                     get_tokenizer, load_checkpoint, model_from_checkpoint, open_log, require_checkpoint,
                     restore_rng, save_checkpoint, setup, wrap_for_training)
 from configurator import check, configure
-from loaders import batch_indices, collate, read_jsonl, tokenize_prefs, tokenize_sft
+from loaders import DataError, batch_indices, collate, read_jsonl, tokenize_prefs, tokenize_sft
 
 # -----------------------------------------------------------------------------
 # the math: pure functions, tensors in and out (checked against closed forms in tests/)
@@ -101,6 +101,8 @@ check(init_from in ('sft', 'resume'), f"init_from must be 'sft' or 'resume', got
 check(batch_size > 0 and micro_batch_size > 0 and max_steps >= 0, "need batch_size, micro_batch_size > 0 and max_steps >= 0")
 check(learning_rate > 0 and grad_clip >= 0 and 0 <= dropout < 1, "need learning_rate > 0, grad_clip >= 0, 0 <= dropout < 1")
 check(block_size >= 2, f"block_size must be >= 2 (a prompt token and a response token), got {block_size}")
+check(train_subset >= 0 and weight_decay >= 0 and 0 <= beta1 < 1 and 0 <= beta2 < 1,
+      "need train_subset >= 0 (0: all), weight_decay >= 0, 0 <= beta1, beta2 < 1")
 check(eval_interval > 0 and eval_batches >= 0 and norm_examples > 0 and warmup_steps >= 0,
       "need eval_interval > 0, eval_batches >= 0, norm_examples > 0, warmup_steps >= 0")
 
@@ -145,6 +147,10 @@ def load_pairs(path):
     records = read_jsonl(path, 'prefs')
     gold = None
     if all('gold_chosen' in r and 'gold_rejected' in r for r in records):
+        for line, r in enumerate(records, start=1):  # read_jsonl keeps every line: a record's index is its line
+            for k in ('gold_chosen', 'gold_rejected'):
+                if type(r[k]) not in (int, float) or not math.isfinite(r[k]):
+                    raise DataError(f"{path}:{line}: {k!r} must be a finite number, got {r[k]!r}")
         gold = torch.tensor([float(r['gold_chosen']) - float(r['gold_rejected']) for r in records])
     return tokenize_prefs(records, enc, block_size, path), gold
 

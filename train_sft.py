@@ -84,6 +84,10 @@ check(eval_interval > 0 and eval_batches >= 0 and warmup_steps >= 0, "need eval_
 check(init_from in ('scratch', 'resume') or init_from in HF_REPOS or os.path.isdir(init_from),
       f"init_from must be 'scratch', 'resume', one of {', '.join(HF_REPOS)} or a directory with GPT-2 weights, got {init_from!r}")
 check(block_size >= 2 and 257 <= vocab_size <= 50257, "need block_size >= 2 and vocab_size in [257, 50257] (GPT-2's BPE)")
+check(n_layer > 0 and n_head > 0 and n_embd > 0 and n_embd % n_head == 0,
+      f"need n_layer, n_head, n_embd > 0 and n_embd divisible by n_head, got {n_layer}, {n_head}, {n_embd}")
+check(train_subset >= 0 and weight_decay >= 0 and 0 <= beta1 < 1 and 0 <= beta2 < 1,
+      "need train_subset >= 0 (0: all), weight_decay >= 0, 0 <= beta1, beta2 < 1")
 
 # -----------------------------------------------------------------------------
 # set-up: processes, device, precision

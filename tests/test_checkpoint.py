@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -315,6 +316,26 @@ def test_a_file_that_is_no_checkpoint_of_ours_is_refused(tmp_path):
         load_checkpoint(path, stage='sft')
 
 
+def test_a_damaged_or_foreign_file_is_one_clear_error(tmp_path):
+    # what load_checkpoint raises a script turns into one line, 'config error: ...' (require_checkpoint)
+    good = tmp_path / 'good.pt'
+    save_checkpoint(good, GPT(TINY), None, asdict(TINY), {}, 'sft', 0)
+    (tmp_path / 'truncated.pt').write_bytes(good.read_bytes()[:2000])  # a copy cut short
+    (tmp_path / 'empty.pt').write_bytes(b'')
+    (tmp_path / 'notes.pt').write_text('not a checkpoint\n')
+    (tmp_path / 'dir.pt').mkdir()
+    for name in ('truncated.pt', 'empty.pt', 'notes.pt', 'dir.pt'):
+        path = str(tmp_path / name)
+        with pytest.raises(ValueError, match=re.escape(f"{path}: not a readable checkpoint (truncated, corrupt or not a checkpoint?)")):
+            load_checkpoint(path, stage='sft')
+    torch.save([1, 2], tmp_path / 'list.pt')  # loads, but is no dict of ours
+    with pytest.raises(ValueError, match=r"list\.pt: not a checkpoint of this project \(a list, not a dict\)"):
+        load_checkpoint(str(tmp_path / 'list.pt'), stage='sft')
+    with pytest.raises(SystemExit) as e:
+        common.require_checkpoint(str(tmp_path / 'truncated.pt'), stage='sft')
+    assert e.value.code == 2
+
+
 class RunsCode:
     def __init__(self, marker):
         self.marker = marker
@@ -406,7 +427,7 @@ def test_open_log_starts_fresh_or_keeps_the_rows_before_the_resume_point(tmp_pat
     for bad, line in ((lines[0] + 'oops\n' + lines[1], 2), (lines[0] + '{"loss": 1.0}\n', 2), ('[1, 2]\n', 1),
                       (lines[0] + '{"step": "3"}\n', 2)):
         path.write_text(bad)
-        with pytest.raises(UserError, match=rf"log\.jsonl, line {line}: not a log row .*; fix or delete that line to resume"):
+        with pytest.raises(UserError, match=rf"log\.jsonl, line {line}: not a log row .*; fix or delete that line"):
             common.open_log(str(tmp_path / 'run'), 2)
         assert path.read_text() == bad
     path.write_bytes(lines[0].encode() + b'{"step": 1, "x": "\xff"}\n' + lines[1].encode())  # not UTF-8

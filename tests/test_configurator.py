@@ -167,6 +167,21 @@ def test_missing_config_file(tmp_path):
     assert path in str(e.value)
 
 
+def test_a_config_file_is_a_valid_python_file(tmp_path):
+    # a data file or a checkpoint given without its key: a JSONL line is even a valid Python expression, which
+    # would run as a config file that sets nothing, and the run would train on the default data
+    data = write(tmp_path / 'mine.jsonl', '{"prompt": "Hi", "response": "Hello."}\n')
+    with pytest.raises(ConfigError, match=f"'{data}' is not a config file \\(a .py file\\): a data file or checkpoint "
+                                          f"is given with its key, --key={data}"):
+        configure(defaults(), [data])
+    bad = write(tmp_path / 'bad.py', "batch_size = 8\nlearning_rate = 1e-3 *\n")
+    with pytest.raises(ConfigError, match=f"{bad}:2: not a valid Python config file \\(invalid syntax\\)"):
+        configure(defaults(), [bad])
+    (tmp_path / 'latin1.py').write_bytes(b"out_dir = 'caf\xe9'\n")
+    with pytest.raises(ConfigError, match=r"latin1\.py: not a valid Python config file \('utf-8' codec can't decode"):
+        configure(defaults(), [str(tmp_path / 'latin1.py')])
+
+
 def test_check(capsys):
     check(0.1 >= 0, 'kl_coef must be >= 0')  # passes silently
     assert capsys.readouterr().err == ''

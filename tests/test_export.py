@@ -55,3 +55,6 @@ def test_export_refuses_a_reward_model_and_a_directory_of_other_files(tmp_path):
     (tmp_path / 'hf' / 'tokenizer.json').write_text('{}')
     p = run_script('export.py', f'--ckpt={tmp_path / "sft.pt"}', f'--out_dir={tmp_path / "hf"}', check=False, timeout=60)
     assert p.returncode == 2 and 'holds other files (tokenizer.json): export into a new or empty directory' in p.stderr
+    # an out_dir that is a file: one line, not a FileExistsError traceback
+    p = run_script('export.py', f'--ckpt={tmp_path / "sft.pt"}', f'--out_dir={tmp_path / "sft.pt"}', check=False, timeout=60)
+    assert p.returncode == 2 and f"out_dir '{tmp_path / 'sft.pt'}' is a file" in p.stderr and 'Traceback' not in p.stderr

@@ -229,11 +229,13 @@ def test_ppo_first_policy_loss_is_the_mean_of_whitened_advantages(tmp_path):
 
 def test_ppo_batch_of_one(tmp_path):
     args = make_tiny_world(tmp_path)
-    run_script('train_ppo.py', *args, '--batch_size=1', '--mini_batch_size=1', '--micro_batch_size=1', '--max_iters=1',
-               '--learning_rate=1e-3', f'--out_dir={tmp_path / "ppo"}')
+    p = run_script('train_ppo.py', *args, '--batch_size=1', '--mini_batch_size=1', '--micro_batch_size=1', '--max_iters=1',
+                   '--learning_rate=1e-3', f'--out_dir={tmp_path / "ppo"}')
     ckpt = torch.load(tmp_path / 'ppo' / 'ckpt.pt', weights_only=True)
     assert ckpt['step'] == 1
     (row,) = read_log(tmp_path / 'ppo' / 'log.jsonl')
+    # no gold judge (gold_judge=''): no gold score, rather than a gold of 0 that a curve would draw
+    assert 'gold' not in row and ', no gold judge, ended ' in p.stdout and 'gold 0.000' not in p.stdout, p.stdout
     assert all(math.isfinite(v) for v in row.values()) and row['check/ratio_dev'] < 1e-4
     assert 1 <= row['response_length'] <= 16
     sft = torch.load(tmp_path / 'sft.pt', weights_only=True)['model']

@@ -248,6 +248,12 @@ def other_vocab_rm(tmp_path):
     return str(tmp_path / 'rm1024.pt')
 
 
+def short_rm(tmp_path):
+    args = dict(TINY, block_size=32, scalar_head=True)
+    save_checkpoint(tmp_path / 'rm32.pt', GPT(GPTConfig(**args)), None, args, {}, 'rm', 0, reward_offset=0.0)
+    return str(tmp_path / 'rm32.pt')
+
+
 def uncentred_rm(tmp_path):
     """A reward model's best.pt as train_reward_model.py leaves it when killed before the centring."""
     args = dict(TINY, scalar_head=True)
@@ -281,11 +287,23 @@ def test_bad_config_fails_at_startup(tmp_path, monkeypatch, capsys):
         ('ppo: vocabularies differ', 'train_ppo.py', ppo + [f'--rm_ckpt={other_vocab_rm(tmp_path)}', out],
          'different vocabularies'),
         ('ppo: nothing to resume', 'train_ppo.py', ppo + ['--init_from=resume', out], 'nothing to resume'),
+        # sizes and ranges that crashed (ZeroDivisionError, AssertionError, AdamW's ValueError) or trained a wrong model
+        ('sft: n_head does not divide n_embd', 'train_sft.py', sft + ['--n_head=3', out], 'n_embd divisible by n_head'),
+        ('sft: no layers', 'train_sft.py', sft + ['--n_layer=0', out], 'need n_layer, n_head, n_embd > 0'),
+        ('sft: beta1 2', 'train_sft.py', sft + ['--beta1=2.0', out], '0 <= beta1, beta2 < 1'),
+        ('sft: negative subset', 'train_sft.py', sft + ['--train_subset=-5', out], 'train_subset >= 0'),
+        ('ppo: mini_batch_size 0', 'train_ppo.py', ppo + ['--mini_batch_size=0', out], 'mini_batch_size, micro_batch_size must be > 0'),
+        ('ppo: micro_batch_size 0', 'train_ppo.py', ppo + ['--micro_batch_size=0', out], 'mini_batch_size, micro_batch_size must be > 0'),
+        ('ppo: learning rate < 0', 'train_ppo.py', ppo + ['--learning_rate=-1.0', out], 'need learning_rate > 0'),
+        ('ppo: gold judge typo', 'train_ppo.py', ppo + ['--gold_judge=tiny', out], "gold_judge must be 'tinyhh' or ''"),
+        ('ppo: reward model shorter than the rollout', 'train_ppo.py', ppo + [f'--rm_ckpt={short_rm(tmp_path)}', out],
+         f"max_prompt_len 24 + max_new_tokens 16 > {tmp_path / 'rm32.pt'}'s block_size 32"),
     ]
     prefs = prefs_args(tmp_path)  # the same tiny SFT model in sft.pt
     for script in ('train_reward_model.py', 'train_dpo.py'):
         cases.append((f'{script}: batch not divisible', script, prefs + ['--micro_batch_size=3', out], 'divisible'))
         cases.append((f'{script}: block_size 1', script, prefs + ['--block_size=1', out], 'block_size must be >= 2'))
+        cases.append((f'{script}: beta2 1', script, prefs + ['--beta2=1.0', out], '0 <= beta1, beta2 < 1'))
     failures = startup_failures(cases, monkeypatch, capsys)
     assert not failures, '\n\n'.join(failures)
     assert not (tmp_path / 'out').exists()  # nothing written
@@ -333,10 +351,18 @@ def test_final_weights_are_evaluated_and_saved(tmp_path, script, make_args):
 def test_reward_model_reads_every_file_before_training(tmp_path):
     args = rm_args(tmp_path)
     bad = write_jsonl(tmp_path / 'bad_test.jsonl', [{'prompt': 'a', 'chosen': 'b'}])
-    out = tmp_path / 'out'
-    (code, _, stderr), = run_all([('train_reward_model.py', args + [f'--test_file={bad}', f'--out_dir={out}'])], tmp_path)
+    # gold scores (the built-in world's files carry them) must be numbers: a string was a ValueError traceback
+    pair = {'prompt': 'a', 'chosen': 'b', 'rejected': 'c', 'gold_chosen': 0.5, 'gold_rejected': 0.1}
+    bad_gold = write_jsonl(tmp_path / 'bad_gold.jsonl', [pair, dict(pair, gold_chosen='x')])
+    out, out2 = tmp_path / 'out', tmp_path / 'out2'
+    (code, _, stderr), (code2, _, stderr2) = run_all(
+        [('train_reward_model.py', args + [f'--test_file={bad}', f'--out_dir={out}']),
+         ('train_reward_model.py', args + [f'--val_file={bad_gold}', f'--out_dir={out2}'])], tmp_path)
     assert code != 0 and f"{bad}:1: missing key 'rejected'" in stderr
-    assert not (out / 'ckpt.pt').exists() and not (out / 'best.pt').exists()  # it stopped before any training
+    assert code2 == 1 and f"error: {bad_gold}:2: 'gold_chosen' must be a finite number, got 'x'" in stderr2, stderr2[-2000:]
+    assert 'Traceback' not in stderr + stderr2
+    for d in (out, out2):
+        assert not (d / 'ckpt.pt').exists() and not (d / 'best.pt').exists()  # it stopped before any training
 
 
 def test_dpo_best_pt_keeps_the_lowest_val_loss(tmp_path):

@@ -1,5 +1,7 @@
 """sample.py on tiny checkpoints, and frontier.py's plots from hand-written eval.json and log.jsonl files."""
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -58,6 +60,11 @@ def test_sample_prompt_file_with_a_reward_model(tmp_path):
     for q, r in zip(questions, rewards):
         assert f"Human: {q}\nAssistant: \n  (ended with <|endoftext|>, 1 token, gold " in p.stdout
         assert f", reward {r:+.2f})" in p.stdout.split(f"Human: {q}")[1].split('Human:')[0], p.stdout
+    # a .jsonl file: each line's "prompt", as eval.py and PPO read prompts (not the raw JSON as a question)
+    (tmp_path / 'questions.jsonl').write_text(''.join(json.dumps({'prompt': q, 'kind': 'x'}) + '\n' for q in questions))
+    p = run_script('sample.py', f'--ckpt={ckpt}', f'--prompt_file={tmp_path / "questions.jsonl"}', '--temperature=0',
+                   '--device=cpu', timeout=60)
+    assert [line for line in p.stdout.splitlines() if line.startswith('Human:')] == [f'Human: {q}' for q in questions]
 
 
 def test_sample_prompt_file_with_bad_utf8_names_the_line(tmp_path):
@@ -95,6 +102,10 @@ def test_eval_refuses_wrong_checkpoints_and_settings_and_cuts_long_prompts(tmp_p
     save_checkpoint(tmp_path / 'rm.pt', rm, None, dict(ARGS, scalar_head=True), {}, 'rm', 0, reward_offset=0.0)
     save_checkpoint(tmp_path / 'rm_uncentred.pt', rm, None, dict(ARGS, scalar_head=True), {}, 'rm', 0)
     short = dict(ARGS, block_size=16, scalar_head=True)
+    truncated = tmp_path / 'truncated.pt'  # a copy cut short
+    truncated.write_bytes(sft.read_bytes()[:1000])
+    other = tmp_path / 'other.jsonl'
+    other.write_text(json.dumps({'prompt': QUESTIONS[0]}) + '\n' + json.dumps({'prompt': 'Write a poem about my cat.'}) + '\n')
     save_checkpoint(tmp_path / 'rm_short.pt', GPT(GPTConfig(**short)), None, short, {}, 'rm', 0, reward_offset=0.0)
     for args, message in [([f'--ckpts={tmp_path / "rm.pt"}', '--rm_ckpt='], "stage 'rm', expected ('sft', 'ppo', 'dpo')"),
                           ([f'--ckpts={sft}', f'--rm_ckpt={sft}'], "stage 'sft', expected 'rm'"),
@@ -104,8 +115,17 @@ def test_eval_refuses_wrong_checkpoints_and_settings_and_cuts_long_prompts(tmp_p
                           ([f'--ckpts={sft}', '--rm_ckpt=', '--max_prompt_len=61'],
                            'max_prompt_len 61 + max_new_tokens 4 must fit in block_size 64'),
                           ([f'--ckpts={sft}', f'--rm_ckpt={tmp_path / "rm_short.pt"}'],
-                           'reads at most 16 tokens, fewer than max_prompt_len 60 + max_new_tokens 4')]:
-        p = run_script('eval.py', *EVAL_ARGS, *args, f'--baseline={sft}', f'--out_json={tmp_path / "e.json"}',
+                           'reads at most 16 tokens, fewer than max_prompt_len 60 + max_new_tokens 4'),
+                          ([f'--ckpts={sft},'], f"ckpts '{sft},' has an empty name (a stray comma?)"),
+                          ([f'--ckpts={sft}', '--tie_margin=-1.0'], 'tie_margin must be >= 0, got -1.0'),
+                          ([f'--ckpts={sft}', '--n_samples=-1'], 'need batch_size > 0 and n_samples >= 0'),
+                          ([f'--ckpts={truncated}', '--rm_ckpt='], f'{truncated}: not a readable checkpoint'),
+                          # checked before minutes of sampling, not when the file is written at the end
+                          ([f'--ckpts={sft}', f'--out_json={tmp_path}'], f"out_json '{tmp_path}' is a directory"),
+                          # the gold judge knows the built-in world's questions only: another prompt would score as garbage
+                          ([f'--ckpts={sft}', '--rm_ckpt=', f'--prompt_file={other}'],
+                           f"{other}: 1 of 2 prompts are not questions of the built-in world (the first: 'Write a poem")]:
+        p = run_script('eval.py', *EVAL_ARGS, f'--baseline={sft}', f'--out_json={tmp_path / "e.json"}', *args,
                        check=False, timeout=60)
         assert p.returncode == 2 and message in p.stderr and 'Traceback' not in p.stderr, p.stderr[-1000:]
     # a prompt longer than max_prompt_len keeps its end, and the cut is reported
@@ -258,6 +278,10 @@ def test_sample_reward_model_is_a_clear_error(tmp_path):
     assert p.returncode == 2 and "stage 'sft', expected 'rm'" in p.stderr and 'Traceback' not in p.stderr, p.stderr
     # and a reward model that reads fewer tokens than the policy writes
     short = dict(ARGS, block_size=16, scalar_head=True)
+    truncated = tmp_path / 'truncated.pt'  # a copy cut short
+    truncated.write_bytes(sft.read_bytes()[:1000])
+    other = tmp_path / 'other.jsonl'
+    other.write_text(json.dumps({'prompt': QUESTIONS[0]}) + '\n' + json.dumps({'prompt': 'Write a poem about my cat.'}) + '\n')
     save_checkpoint(tmp_path / 'rm_short.pt', GPT(GPTConfig(**short)), None, short, {}, 'rm', 0, reward_offset=0.0)
     p = run_script('sample.py', f'--ckpt={sft}', f'--rm_ckpt={tmp_path / "rm_short.pt"}', '--prompt=hi', '--device=cpu',
                    check=False, timeout=60)
@@ -327,7 +351,7 @@ def test_frontier_plot_only(tmp_path):
     assert p.returncode == 2 and 'no gold scores (an evaluation with gold_judge=' in p.stderr and 'Traceback' not in p.stderr
 
 
-@pytest.mark.parametrize('kind', ['ppo', 'dpo'])
+@pytest.mark.parametrize('kind', ['ppo', 'ppo_hh', 'dpo'])
 def test_frontier_curves(tmp_path, kind):
     run = tmp_path / kind
     run.mkdir()
@@ -335,6 +359,8 @@ def test_frontier_curves(tmp_path, kind):
         for i in range(20):
             if kind == 'ppo':
                 f.write(json.dumps({'score': 0.1 * i, 'kl': 0.3 * i, 'gold': 0.2 + 0.01 * i, 'grad_norm': 1.0, 'iter': i}) + '\n')
+            elif kind == 'ppo_hh':  # no gold judge: no gold in the log, so no gold panel
+                f.write(json.dumps({'score': 0.1 * i, 'kl': 0.3 * i, 'grad_norm': 1.0, 'iter': i}) + '\n')
             else:
                 if i % 5 == 0:
                     f.write(json.dumps({'step': i, 'val/loss': 0.7 - 0.01 * i, 'val/rewards/accuracies': 0.5}) + '\n')
@@ -342,11 +368,15 @@ def test_frontier_curves(tmp_path, kind):
                                     **({'grad_norm': 2.0} if i >= 10 else {})}) + '\n')  # logs before grad_norm have none
         if kind == 'dpo':  # a reward model's final rows (the whole val split) are no point of the curves
             f.write(json.dumps({'step': 20, 'final': True, 'val/loss': 0.5}) + '\n')
+        if kind == 'ppo_hh':  # a run killed mid-write: its torn last line is left out, as a resume leaves it out
+            f.write('{"score": 2.0, "kl": 6.')
     p = run_script('frontier.py', f'--curves={run}', timeout=60)
     check_png(run / 'curves.png')
     if kind == 'ppo':
         want = ['score (20 points, iter 0-19)', 'kl (20 points, iter 0-19)', 'gold (20 points, iter 0-19)',
                 'grad_norm (20 points, iter 0-19)']
+    elif kind == 'ppo_hh':
+        want = ['score (20 points, iter 0-19)', 'kl (20 points, iter 0-19)', 'grad_norm (20 points, iter 0-19)']
     else:
         want = ['train/loss (20 points, step 0-19)', 'val/loss (4 points, step 0-15)',
                 'train/rewards/accuracies (20 points, step 0-19)', 'val/rewards/accuracies (4 points, step 0-15)',
@@ -376,3 +406,29 @@ def test_eval_json_is_strict():
     x = {'a': float('nan'), 'b': [1.0, float('inf'), -float('inf')], 'c': {'d': (2, float('nan'))}, 'e': 'text', 'f': None}
     assert strict_json(x) == {'a': None, 'b': [1.0, None, None], 'c': {'d': [2, None]}, 'e': 'text', 'f': None}
     json.dumps(strict_json(x), allow_nan=False)
+
+
+def test_run_sh_fresh_deletes_only_the_pipelines_own_runs(tmp_path):
+    # run.sh on a stand-in python that logs each call and makes the stage directories: --fresh starts the built-in
+    # world's pipeline over (its four runs, its evaluation, the frontier sweep built on them) and keeps the rest of
+    # out/, such as the GPT-2 + HH runs the README writes there; without --fresh, finished stages are skipped
+    shutil.copy(ROOT / 'run.sh', tmp_path / 'run.sh')
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    (bin_dir / 'python').write_text('#!/bin/sh\necho "$@" >> calls.txt\nmkdir -p out/sft out/rm out/ppo out/dpo\n')
+    (bin_dir / 'python').chmod(0o755)
+    out = tmp_path / 'out'
+    for d in ('sft', 'rm', 'ppo', 'dpo', 'frontier/ppo_kl0', 'sft_hh', 'dpo_hh'):
+        (out / d).mkdir(parents=True)
+        (out / d / 'DONE').write_text('')
+    (out / 'eval.json').write_text('{}')
+    run = lambda *args: subprocess.run(['bash', str(tmp_path / 'run.sh'), *args], cwd=tmp_path, check=True,
+                                       capture_output=True, text=True, env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"))
+    p = run()
+    assert p.stdout.count('done already') == 4, p.stdout
+    run('--fresh')
+    calls = [line.split()[0] for line in (tmp_path / 'calls.txt').read_text().splitlines()]
+    assert calls == ['data/tinyhh/prepare.py', 'eval.py'] + ['data/tinyhh/prepare.py', 'train_sft.py', 'train_reward_model.py',
+                                                             'train_ppo.py', 'train_dpo.py', 'eval.py']
+    assert all((out / d / 'DONE').exists() for d in ('sft_hh', 'dpo_hh'))  # kept
+    assert not (out / 'frontier').exists() and not (out / 'eval.json').exists()  # eval.json: the stand-in writes none

@@ -302,6 +302,23 @@ def test_prepare_if_stale_rewrites_only_stale_data(generated, tmp_path):
     assert json.loads((tmp_path / 'meta.json').read_text())['settings']['NO_LEAD_IN'] == 0.2
 
 
+def test_prepare_a_write_cut_short_leaves_no_meta_to_trust(generated, tmp_path):
+    # meta.json vouches for the data files (--if_stale=True, which run.sh uses): a run killed while it rewrites
+    # them must not leave the old meta.json beside half-written files
+    a, _ = generated
+    for name in [f + '.jsonl' for f in FILES] + ['meta.json']:
+        (tmp_path / name).write_bytes((a / name).read_bytes())
+    meta = json.loads((a / 'meta.json').read_text())
+    assert prepare.up_to_date(str(tmp_path), meta['settings'], FILES)
+
+    def killed():  # the records of the first file, cut off after one
+        yield {'prompt': 'p', 'response': 'r'}
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        prepare.write(str(tmp_path), {'sft_train': killed()}, meta)
+    assert not (tmp_path / 'meta.json').exists() and not prepare.up_to_date(str(tmp_path), meta['settings'], FILES)
+
+
 def test_prepare_n_eval_must_split_evenly(tmp_path):
     p = subprocess.run([sys.executable, 'data/tinyhh/prepare.py', f'--out_dir={tmp_path}', '--n_eval=100'],
                        cwd=ROOT, capture_output=True, text=True)

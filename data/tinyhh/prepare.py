@@ -182,6 +182,10 @@ def up_to_date(out_dir, settings, names):
 
 def write(out_dir, data, meta):
     os.makedirs(out_dir, exist_ok=True)
+    try:  # meta.json vouches for the files (if_stale): gone while they are rewritten, so a kill leaves no false claim
+        os.remove(os.path.join(out_dir, 'meta.json'))
+    except FileNotFoundError:
+        pass
     for name, records in data.items():
         with open(os.path.join(out_dir, name + '.jsonl'), 'w', encoding='utf-8') as f:
             for r in records:
