@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 
-from common import log_rows
 from configurator import check, configure
 
 # -----------------------------------------------------------------------------
@@ -149,6 +148,7 @@ def plot_frontier(eval_json, png):
 def plot_curves(run_dir):
     """PPO: score, kl and gold per iteration. SFT, reward model, DPO: train and val loss (and accuracy) per step.
     Both: the gradient norm before clipping, when the log has it."""
+    from common import log_rows  # only here (it imports torch): the frontier's plot needs no torch
     path = os.path.join(run_dir, 'log.jsonl')
     # a killed run's torn last line is left out; so are the reward model's final rows (the whole val and test splits)
     rows = [row for row in log_rows(path) if not row.get('final')]
