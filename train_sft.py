@@ -128,8 +128,11 @@ if init_from == 'resume':
     optimizer.load_state_dict(ckpt['optimizer'])
     restore_rng(ckpt)
     del ckpt
+# resumed or from GPT-2, the model's shape is the checkpoint's whatever n_layer, ... say: the config records what was built
+config.update({k: model_args[k] for k in ('n_layer', 'n_head', 'n_embd', 'vocab_size')})
 if master:
-    print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, vocabulary {model_args['vocab_size']}")
+    shape = ', '.join(f"{k} {model_args[k]}" for k in ('n_layer', 'n_head', 'n_embd', 'vocab_size'))
+    print(f"model: {model.get_num_params() / 1e6:.2f}M parameters ({shape}){'' if init_from == 'scratch' else ', from ' + init_from}")
 train_model = wrap_for_training(model, compile, ddp, device, grad_checkpoint)  # compiled and/or DDP; model stays the plain GPT
 
 # -----------------------------------------------------------------------------

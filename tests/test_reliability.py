@@ -190,6 +190,18 @@ def test_resume_after_sigkill_matches_straight_run(tmp_path, stage):
     # run's, row for row (which the no-op resume left as it was), the same numbers step by step
     assert_same_log(straight_dir / 'log.jsonl', killed_dir / 'log.jsonl')
 
+def test_a_resumed_sft_run_keeps_the_checkpoints_model_and_says_so(tmp_path):
+    # n_layer, ... shape a model made from scratch only: a resume builds the checkpoint's, and its config records that
+    args = sft_args(tmp_path) + [f'--out_dir={tmp_path / "out"}']
+    (code, _, err), = run_all([('train_sft.py', args + ['--max_steps=1'])], tmp_path)
+    assert code == 0, err[-2000:]
+    (code, out, err), = run_all([('train_sft.py', args + ['--max_steps=2', '--init_from=resume', '--n_layer=3', '--n_embd=64'])], tmp_path)
+    assert code == 0, err[-2000:]
+    assert 'model: 0.03M parameters (n_layer 1, n_head 2, n_embd 32, vocab_size 512), from resume' in out, out
+    ckpt = torch.load(tmp_path / 'out' / 'ckpt.pt', weights_only=True)
+    assert ckpt['step'] == 2 and ckpt['model_args']['n_layer'] == ckpt['config']['n_layer'] == 1
+    assert ckpt['config']['n_embd'] == 32
+
 # -----------------------------------------------------------------------------
 # non-finite numbers
 
