@@ -391,6 +391,7 @@ print(f"bench: preset {preset}, {where}, {dtype}{options}; GPT {n_layer}L/{n_hea
       f"vocab {vocab_size}, {n_params / 1e6:.2f}M params; batch {B}, prompt {P} + response {R} tokens; "
       f"{warmup} warmup + {steps} timed steps")
 if device_type == 'cpu':
+    reset_peak_memory()  # VmHWM so far is the start-up's and the peak matmul's peak, not the RSS now
     print(f"RSS before the stages: {peak_memory() / 2**20:.0f} MiB (peak MiB below: the process's peak RSS in each stage)")
 table = []
 for stage in stages.split(','):

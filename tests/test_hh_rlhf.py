@@ -81,6 +81,16 @@ def test_parse_hh_line_not_a_conversation(chosen, rejected):
         parse_hh_line(json.dumps({'chosen': chosen, 'rejected': rejected}))
     assert not isinstance(e.value, Malformed)
 
+
+def test_reply_that_goes_on_into_a_human_turn_is_skipped():
+    """prompt = up to the last Assistant marker: a transcript ending on a Human turn would give a reply holding one."""
+    c = '\n\nHuman: Hi\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke.'
+    r = '\n\nHuman: Hi\n\nAssistant: Go away.\n\nHuman: Tell me a joke.'
+    with pytest.raises(ValueError, match='a reply goes on into a Human turn') as e:
+        parse_hh_line(json.dumps({'chosen': c, 'rejected': r}))
+    assert not isinstance(e.value, Malformed)
+
+
 def test_lone_surrogate_pair_is_skipped_not_written(tmp_path, capsys):
     """json.loads accepts "\\ud83d" on its own; loaders.read_jsonl refuses it, so prepare must not write it."""
     text = json.loads(LINES[0])

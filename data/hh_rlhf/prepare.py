@@ -12,10 +12,10 @@ DIR/{subset}/{split}.jsonl.gz or DIR/{subset}/{split}.jsonl. Writes into out_dir
 Each HH line holds two conversations, {"chosen": ..., "rejected": ...}, meant to differ only in
 the last Assistant reply. The prompt is the text up to and including the last "\\n\\nAssistant:";
 a response is the rest, less its one leading space. A pair we cannot use (the conversations
-differ earlier, an empty reply, identical replies) is skipped, counted by reason, and its
-file:line printed. A line that is not an HH record at all stops the run. Every error a user can
-act on (offline, a missing or damaged file) ends the run with a message (SystemExit), not a
-traceback.
+differ earlier, an empty reply, identical replies, a reply that goes on into a Human turn) is
+skipped, counted by reason, and its file:line printed. A line that is not an HH record at all
+stops the run. Every error a user can act on (offline, a missing or damaged file) ends the run
+with a message (SystemExit), not a traceback.
 """
 import gzip
 import http.client
@@ -67,6 +67,8 @@ def parse_hh_line(text):
         raise ValueError('chosen and rejected differ before the last Assistant reply')
     if not chosen.strip() or not rejected.strip():
         raise ValueError('empty response')
+    if HUMAN in chosen or HUMAN in rejected:  # a transcript that ends on a Human turn: the "reply" would teach Human turns
+        raise ValueError('a reply goes on into a Human turn')
     if chosen.strip() == rejected.strip():  # the test loaders.read_jsonl applies
         raise ValueError('chosen and rejected are identical')
     return prompts[0], chosen, rejected
