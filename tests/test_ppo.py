@@ -225,6 +225,25 @@ def test_ppo_first_policy_loss_is_the_mean_of_whitened_advantages(tmp_path):
     assert 1 < row['response_length'] < 15  # padding in the rollout, so the mask matters
     assert abs(row['pg_loss']) < 1e-5, row['pg_loss']
     assert row['pg_clipfrac'] == 0
+    # the logged entropy, by hand: the rollout drawn again (the iteration's seed, the same sampler), then the
+    # policy's entropy at temperature 0.7 at each response token's state, averaged over those tokens only
+    from common import get_tokenizer, model_from_checkpoint
+    from loaders import batch_indices, read_jsonl, tokenize_prompts
+    enc = get_tokenizer(512)
+    prompts = tokenize_prompts(read_jsonl(tmp_path / 'prompts.jsonl', 'rl'), enc, 24)
+    batch = [prompts[i] for i in batch_indices(len(prompts), 8, 0, 1337)]
+    policy = model_from_checkpoint(torch.load(tmp_path / 'sft.pt', weights_only=True))[0].eval()
+    torch.manual_seed(1337)
+    with torch.no_grad():
+        seq, _, _, response_mask = policy.generate(batch, 16, enc.eot_token, 0.7, cache_len=40)
+        P, entropies = seq.size(1) - response_mask.size(1), []
+        for i, p in enumerate(batch):
+            n = int(response_mask[i].sum())
+            ids = torch.tensor([p + seq[i, P:P + n].tolist()])
+            logp = torch.log_softmax(policy(ids)[0][0, len(p) - 1:-1] / 0.7, -1)  # (n, V): the state before each token
+            entropies += (-(logp.exp() * logp).sum(-1)).tolist()
+    assert len(entropies) == round(8 * row['response_length'])
+    assert row['entropy'] == pytest.approx(sum(entropies) / len(entropies), rel=1e-5)
 
 
 def test_ppo_batch_of_one(tmp_path):
