@@ -150,6 +150,33 @@ def test_ppo_logs_global_statistics_and_resumes_exactly(tmp_path):
     assert [row['iter'] for row in resumed_log] == [0, 1, 2]
 
 
+def test_ppo_update_statistics_and_step_of_two_processes_match_one(tmp_path):
+    """The policy of the test above (its rollouts are known whatever each rank's sampling RNG) and one minibatch
+    of the whole global batch: 1 process and 2 take the same optimizer step and log the same update statistics,
+    each the minibatch's mean over all its tokens on both ranks (the value loss differs between the ranks' halves)."""
+    args = make_tiny_world(tmp_path) + ['--max_iters=1', '--ppo_epochs=1', '--mini_batch_size=8', '--learning_rate=1e-3']
+    token = 100
+    ckpt = torch.load(tmp_path / 'sft.pt', weights_only=True)
+    policy, _ = model_from_checkpoint(ckpt)
+    with torch.no_grad():
+        policy.transformer.ln_f.weight.zero_()
+        policy.transformer.ln_f.bias.fill_(10.0)
+        policy.lm_head.weight[token] = 1.0
+    save_checkpoint(tmp_path / 'sft.pt', policy, None, ckpt['model_args'], {}, 'sft', 0)
+    two = torchrun('train_ppo.py', args + [f'--out_dir={tmp_path / "two"}'], tmp_path)
+    one = start([sys.executable, str(ROOT / 'train_ppo.py'), *args, f'--out_dir={tmp_path / "one"}'], tmp_path, 'one')
+    wait(two, tmp_path, 'torchrun', ranks=True)
+    wait(one, tmp_path, 'one')
+    (a,), (b,) = read_log(tmp_path / 'one' / 'log.jsonl'), read_log(tmp_path / 'two' / 'log.jsonl')
+    assert a['vf_loss'] > 1e-3
+    for k in ('pg_loss', 'vf_loss', 'pg_clipfrac', 'vf_clipfrac', 'approxkl', 'ratio', 'entropy', 'score', 'grad_norm'):
+        assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (k, a[k], b[k])
+    w1, w2 = (torch.load(tmp_path / d / 'ckpt.pt', weights_only=True) for d in ('one', 'two'))
+    for key in ('model', 'value_model'):
+        for k in w1[key]:
+            assert torch.allclose(w1[key][k], w2[key][k], rtol=0, atol=1e-6), (key, k)
+
+
 def test_offline_gpt2_stops_every_process_with_one_line(tmp_path):
     # offline (a proxy on a closed port), GPT-2 not in the cache: local rank 0's download fails, and
     # rank 1, which would wait for it, learns that and stops too, each with one line and no traceback

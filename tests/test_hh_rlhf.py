@@ -82,10 +82,12 @@ def test_parse_hh_line_not_a_conversation(chosen, rejected):
     assert not isinstance(e.value, Malformed)
 
 
-def test_reply_that_goes_on_into_a_human_turn_is_skipped():
-    """prompt = up to the last Assistant marker: a transcript ending on a Human turn would give a reply holding one."""
-    c = '\n\nHuman: Hi\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke.'
-    r = '\n\nHuman: Hi\n\nAssistant: Go away.\n\nHuman: Tell me a joke.'
+@pytest.mark.parametrize('which', ['both', 'chosen', 'rejected'])
+def test_reply_that_goes_on_into_a_human_turn_is_skipped(which):
+    """prompt = up to the last Assistant marker: a transcript ending on a Human turn would give a reply holding one,
+    on either side of the pair."""
+    c = '\n\nHuman: Hi\n\nAssistant: Hello! How can I help?' + ('\n\nHuman: Tell me a joke.' if which != 'rejected' else '')
+    r = '\n\nHuman: Hi\n\nAssistant: Go away.' + ('\n\nHuman: Tell me a joke.' if which != 'chosen' else '')
     with pytest.raises(ValueError, match='a reply goes on into a Human turn') as e:
         parse_hh_line(json.dumps({'chosen': c, 'rejected': r}))
     assert not isinstance(e.value, Malformed)

@@ -246,6 +246,40 @@ def test_ppo_first_policy_loss_is_the_mean_of_whitened_advantages(tmp_path):
     assert row['entropy'] == pytest.approx(sum(entropies) / len(entropies), rel=1e-5)
 
 
+def test_ppo_update_statistics_are_the_mean_over_minibatches_of_their_token_means(tmp_path):
+    # two minibatches of 4 rows (one epoch) and a learning rate too small to move a float32 weight: the policy of
+    # both optimizer steps is the rollout's, so the logged ratio is 1 and the logged entropy is, by hand, each
+    # minibatch's mean over its response tokens, then the mean of the two (not their sum, not one mean over all
+    # the tokens of the update, which weighs the minibatch with more tokens more)
+    from common import get_tokenizer, model_from_checkpoint
+    from loaders import batch_indices, read_jsonl, tokenize_prompts
+    args = make_tiny_world(tmp_path)
+    make_eos_likely(tmp_path)
+    run_script('train_ppo.py', *args, '--max_iters=1', '--ppo_epochs=1', '--mini_batch_size=4', '--micro_batch_size=2',
+               '--learning_rate=1e-30', f'--out_dir={tmp_path / "ppo"}')
+    row = read_log(tmp_path / 'ppo' / 'log.jsonl')[0]
+    enc = get_tokenizer(512)
+    prompts = tokenize_prompts(read_jsonl(tmp_path / 'prompts.jsonl', 'rl'), enc, 24)
+    batch = [prompts[i] for i in batch_indices(len(prompts), 8, 0, 1337)]
+    policy = model_from_checkpoint(torch.load(tmp_path / 'sft.pt', weights_only=True))[0].eval()
+    torch.manual_seed(1337)
+    with torch.no_grad():
+        seq, _, _, response_mask = policy.generate(batch, 16, enc.eot_token, 0.7, cache_len=40)
+        order = torch.randperm(8)  # the epoch's minibatch order: the next draw after the rollout
+        P, entropies = seq.size(1) - response_mask.size(1), []  # entropies[i]: row i's, one per response token
+        for i, p in enumerate(batch):
+            n = int(response_mask[i].sum())
+            logp = torch.log_softmax(policy(torch.tensor([p + seq[i, P:P + n].tolist()]))[0][0, len(p) - 1:-1] / 0.7, -1)
+            entropies.append((-(logp.exp() * logp).sum(-1)).tolist())
+    minibatches = [sum((entropies[i] for i in order[k:k + 4].tolist()), []) for k in (0, 4)]
+    assert len(minibatches[0]) != len(minibatches[1])  # minibatches of unequal token counts
+    means = [sum(e) / len(e) for e in minibatches]
+    want, pooled = sum(means) / 2, sum(map(sum, minibatches)) / sum(map(len, minibatches))
+    assert abs(want - pooled) > 1e-3 * want  # the two ways of averaging differ here
+    assert row['entropy'] == pytest.approx(want, rel=1e-5)
+    assert row['ratio'] == pytest.approx(1.0, abs=1e-5) and row['pg_clipfrac'] == 0 and row['approxkl'] < 1e-10
+
+
 def test_ppo_batch_of_one(tmp_path):
     args = make_tiny_world(tmp_path)
     p = run_script('train_ppo.py', *args, '--batch_size=1', '--mini_batch_size=1', '--micro_batch_size=1', '--max_iters=1',

@@ -321,6 +321,27 @@ def test_bad_config_fails_at_startup(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / 'out').exists()  # nothing written
 
 
+def test_grad_clip_0_turns_clipping_off_and_beta1_0_is_accepted(tmp_path):
+    # grad_clip=0 is 'off' (the comments say so): the same weights as a bound no gradient reaches, not gradients
+    # clipped to nothing; and the range checks accept the valid ends of their ranges (beta1 0: no momentum)
+    cases, dirs = [], []
+    for script, make_args in (('train_sft.py', sft_args), ('train_reward_model.py', rm_args),
+                              ('train_dpo.py', prefs_args), ('train_ppo.py', ppo_args)):
+        base = tmp_path / script.removesuffix('.py')
+        base.mkdir()
+        args = make_args(base) + (['--max_iters=1'] if script == 'train_ppo.py' else ['--max_steps=2', '--beta1=0.0'])
+        for clip in ('0', '1e9'):
+            cases.append((script, args + [f'--grad_clip={clip}', f'--out_dir={base / clip}']))
+            dirs.append(base / clip)
+    for (code, _, err), (script, _) in zip(run_all(cases, tmp_path), cases):
+        assert code == 0, (script, err[-2000:])
+    for off, unbounded in zip(dirs[::2], dirs[1::2]):
+        a, b = (torch.load(d / 'ckpt.pt', weights_only=True) for d in (off, unbounded))
+        for key in ('model', 'value_model'):
+            for k, v in a.get(key, {}).items():
+                assert torch.equal(v, b[key][k]), (off, key, k)
+
+
 def test_rm_and_dpo_refuse_a_checkpoint_of_another_stage(tmp_path, monkeypatch, capsys):
     prefs, _ = prefs_args(tmp_path), make_tiny_world(tmp_path)  # make_tiny_world's rm.pt; sft.pt stays the same model
     bad = prefs + [f'--sft_ckpt={tmp_path / "rm.pt"}', f'--out_dir={tmp_path / "out"}']
@@ -366,12 +387,16 @@ def test_reward_model_reads_every_file_before_training(tmp_path):
     # gold scores (the built-in world's files carry them) must be numbers: a string was a ValueError traceback
     pair = {'prompt': 'a', 'chosen': 'b', 'rejected': 'c', 'gold_chosen': 0.5, 'gold_rejected': 0.1}
     bad_gold = write_jsonl(tmp_path / 'bad_gold.jsonl', [pair, dict(pair, gold_chosen='x')])
-    out, out2 = tmp_path / 'out', tmp_path / 'out2'
-    (code, _, stderr), (code2, _, stderr2) = run_all(
+    # json reads NaN too: a gold score of NaN would make the gold accuracy quietly wrong; both sides are checked
+    nan_gold = write_jsonl(tmp_path / 'nan_gold.jsonl', [pair, pair, dict(pair, gold_rejected=float('nan'))])
+    out, out2, out3 = tmp_path / 'out', tmp_path / 'out2', tmp_path / 'out3'
+    (code, _, stderr), (code2, _, stderr2), (code3, _, stderr3) = run_all(
         [('train_reward_model.py', args + [f'--test_file={bad}', f'--out_dir={out}']),
-         ('train_reward_model.py', args + [f'--val_file={bad_gold}', f'--out_dir={out2}'])], tmp_path)
+         ('train_reward_model.py', args + [f'--val_file={bad_gold}', f'--out_dir={out2}']),
+         ('train_reward_model.py', args + [f'--val_file={nan_gold}', f'--out_dir={out3}'])], tmp_path)
     assert code != 0 and f"{bad}:1: missing key 'rejected'" in stderr
     assert code2 == 1 and f"error: {bad_gold}:2: 'gold_chosen' must be a finite number, got 'x'" in stderr2, stderr2[-2000:]
+    assert code3 == 1 and f"error: {nan_gold}:3: 'gold_rejected' must be a finite number, got nan" in stderr3, stderr3[-2000:]
     assert 'Traceback' not in stderr + stderr2
     for d in (out, out2):
         assert not (d / 'ckpt.pt').exists() and not (d / 'best.pt').exists()  # it stopped before any training

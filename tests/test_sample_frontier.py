@@ -128,10 +128,11 @@ def test_eval_refuses_wrong_checkpoints_and_settings_and_cuts_long_prompts(tmp_p
         p = run_script('eval.py', *EVAL_ARGS, f'--baseline={sft}', f'--out_json={tmp_path / "e.json"}', *args,
                        check=False, timeout=60)
         assert p.returncode == 2 and message in p.stderr and 'Traceback' not in p.stderr, p.stderr[-1000:]
-    # a prompt longer than max_prompt_len keeps its end, and the cut is reported
+    # a prompt longer than max_prompt_len keeps its end, and the cut is reported; n_samples=0 shows no samples
     p = run_script('eval.py', *EVAL_ARGS, f'--ckpts={sft}', '--rm_ckpt=', '--max_prompt_len=8', f'--baseline={sft}',
-                   f'--out_json={tmp_path / "e.json"}', timeout=60)
+                   f'--out_json={tmp_path / "e.json"}', '--n_samples=0', timeout=60)
     assert f"{ROOT}/tests/fixtures/eval_prompts_3.jsonl: 3 of 3 prompts truncated to 8 tokens (the end kept)" in p.stdout, p.stdout
+    assert 'Human:' not in p.stdout and json.loads((tmp_path / 'e.json').read_text())['results']['sft'], p.stdout
 
 
 # eval.py's arithmetic against numbers worked out here: the gold judge's scores are set by hand (the
@@ -382,6 +383,16 @@ def test_frontier_curves(tmp_path, kind):
                 'train/rewards/accuracies (20 points, step 0-19)', 'val/rewards/accuracies (4 points, step 0-15)',
                 'grad_norm (10 points, step 10-19)']
     assert f"wrote {run / 'curves.png'}: {', '.join(want)}" in p.stdout
+    # one panel per kind of curve, and none left empty (a PPO run without a gold judge has no gold panel): each
+    # panel is 4.5 inches at 120 dpi, and the PNG's width is in its IHDR chunk
+    n_panels = {'ppo': 4, 'ppo_hh': 3, 'dpo': 3}[kind]
+    assert int.from_bytes((run / 'curves.png').read_bytes()[16:20], 'big') == round(4.5 * 120 * n_panels)
+
+
+def test_frontier_curves_of_a_log_with_no_known_keys_is_one_line(tmp_path):
+    (tmp_path / 'log.jsonl').write_text(json.dumps({'step': 0, 'foo': 1.0}) + '\n')
+    p = run_script('frontier.py', f'--curves={tmp_path}', check=False, timeout=60)
+    assert p.returncode == 2 and 'log.jsonl: no known keys in the log' in p.stderr and 'Traceback' not in p.stderr, p.stderr
 
 
 def test_eval_win_rates_count_ties_by_the_margin():
