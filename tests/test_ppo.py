@@ -213,6 +213,28 @@ def test_ppo_micro_batches_do_not_change_the_update(tmp_path):
         assert rows[1][k] == pytest.approx(rows[4][k], rel=1e-4, abs=1e-6), k
 
 
+def redrawn_rollout_entropies(tmp_path):
+    """make_tiny_world's iteration 0 again, by hand: its 8 prompts, its rollout drawn from its seed with the same
+    sampler, and the SFT policy's entropy at temperature 0.7 at each response token's state (a list per row, padding
+    left out). Also the draw that follows the rollout in the script: the first epoch's minibatch order."""
+    from common import get_tokenizer, model_from_checkpoint
+    from loaders import batch_indices, read_jsonl, tokenize_prompts
+    enc = get_tokenizer(512)
+    prompts = tokenize_prompts(read_jsonl(tmp_path / 'prompts.jsonl', 'rl'), enc, 24)
+    batch = [prompts[i] for i in batch_indices(len(prompts), 8, 0, 1337)]
+    policy = model_from_checkpoint(torch.load(tmp_path / 'sft.pt', weights_only=True))[0].eval()
+    torch.manual_seed(1337)
+    with torch.no_grad():
+        seq, _, _, response_mask = policy.generate(batch, 16, enc.eot_token, 0.7, cache_len=40)
+        order = torch.randperm(8)
+        P, entropies = seq.size(1) - response_mask.size(1), []
+        for i, p in enumerate(batch):
+            n = int(response_mask[i].sum())
+            logp = torch.log_softmax(policy(torch.tensor([p + seq[i, P:P + n].tolist()]))[0][0, len(p) - 1:-1] / 0.7, -1)
+            entropies.append((-(logp.exp() * logp).sum(-1)).tolist())
+    return entropies, order.tolist()
+
+
 def test_ppo_first_policy_loss_is_the_mean_of_whitened_advantages(tmp_path):
     # one epoch of one minibatch in one pass: the logged policy loss is -mean(ratio * A) over the response
     # tokens, with ratio 1, and the advantages are whitened over those same tokens, so it is 0. Whitening over
@@ -225,23 +247,8 @@ def test_ppo_first_policy_loss_is_the_mean_of_whitened_advantages(tmp_path):
     assert 1 < row['response_length'] < 15  # padding in the rollout, so the mask matters
     assert abs(row['pg_loss']) < 1e-5, row['pg_loss']
     assert row['pg_clipfrac'] == 0
-    # the logged entropy, by hand: the rollout drawn again (the iteration's seed, the same sampler), then the
-    # policy's entropy at temperature 0.7 at each response token's state, averaged over those tokens only
-    from common import get_tokenizer, model_from_checkpoint
-    from loaders import batch_indices, read_jsonl, tokenize_prompts
-    enc = get_tokenizer(512)
-    prompts = tokenize_prompts(read_jsonl(tmp_path / 'prompts.jsonl', 'rl'), enc, 24)
-    batch = [prompts[i] for i in batch_indices(len(prompts), 8, 0, 1337)]
-    policy = model_from_checkpoint(torch.load(tmp_path / 'sft.pt', weights_only=True))[0].eval()
-    torch.manual_seed(1337)
-    with torch.no_grad():
-        seq, _, _, response_mask = policy.generate(batch, 16, enc.eot_token, 0.7, cache_len=40)
-        P, entropies = seq.size(1) - response_mask.size(1), []
-        for i, p in enumerate(batch):
-            n = int(response_mask[i].sum())
-            ids = torch.tensor([p + seq[i, P:P + n].tolist()])
-            logp = torch.log_softmax(policy(ids)[0][0, len(p) - 1:-1] / 0.7, -1)  # (n, V): the state before each token
-            entropies += (-(logp.exp() * logp).sum(-1)).tolist()
+    # the logged entropy: the mean over the response tokens only
+    entropies = sum(redrawn_rollout_entropies(tmp_path)[0], [])
     assert len(entropies) == round(8 * row['response_length'])
     assert row['entropy'] == pytest.approx(sum(entropies) / len(entropies), rel=1e-5)
 
@@ -251,27 +258,13 @@ def test_ppo_update_statistics_are_the_mean_over_minibatches_of_their_token_mean
     # both optimizer steps is the rollout's, so the logged ratio is 1 and the logged entropy is, by hand, each
     # minibatch's mean over its response tokens, then the mean of the two (not their sum, not one mean over all
     # the tokens of the update, which weighs the minibatch with more tokens more)
-    from common import get_tokenizer, model_from_checkpoint
-    from loaders import batch_indices, read_jsonl, tokenize_prompts
     args = make_tiny_world(tmp_path)
     make_eos_likely(tmp_path)
     run_script('train_ppo.py', *args, '--max_iters=1', '--ppo_epochs=1', '--mini_batch_size=4', '--micro_batch_size=2',
                '--learning_rate=1e-30', f'--out_dir={tmp_path / "ppo"}')
     row = read_log(tmp_path / 'ppo' / 'log.jsonl')[0]
-    enc = get_tokenizer(512)
-    prompts = tokenize_prompts(read_jsonl(tmp_path / 'prompts.jsonl', 'rl'), enc, 24)
-    batch = [prompts[i] for i in batch_indices(len(prompts), 8, 0, 1337)]
-    policy = model_from_checkpoint(torch.load(tmp_path / 'sft.pt', weights_only=True))[0].eval()
-    torch.manual_seed(1337)
-    with torch.no_grad():
-        seq, _, _, response_mask = policy.generate(batch, 16, enc.eot_token, 0.7, cache_len=40)
-        order = torch.randperm(8)  # the epoch's minibatch order: the next draw after the rollout
-        P, entropies = seq.size(1) - response_mask.size(1), []  # entropies[i]: row i's, one per response token
-        for i, p in enumerate(batch):
-            n = int(response_mask[i].sum())
-            logp = torch.log_softmax(policy(torch.tensor([p + seq[i, P:P + n].tolist()]))[0][0, len(p) - 1:-1] / 0.7, -1)
-            entropies.append((-(logp.exp() * logp).sum(-1)).tolist())
-    minibatches = [sum((entropies[i] for i in order[k:k + 4].tolist()), []) for k in (0, 4)]
+    entropies, order = redrawn_rollout_entropies(tmp_path)
+    minibatches = [sum((entropies[i] for i in order[k:k + 4]), []) for k in (0, 4)]
     assert len(minibatches[0]) != len(minibatches[1])  # minibatches of unequal token counts
     means = [sum(e) / len(e) for e in minibatches]
     want, pooled = sum(means) / 2, sum(map(sum, minibatches)) / sum(map(len, minibatches))
