@@ -217,8 +217,7 @@ print(f"\n{len(questions)} held-out prompts, temperature {temperature}, seed {se
 print(f"{'':>8} " + ' '.join(f"{c:>11}" for c in cols))
 for name, row in results.items():
     print(f"{name[:8]:>8} " + ' '.join(f"{row[c]:>11.3f}" if c in row else f"{'-':>11}" for c in cols))
-os.makedirs(os.path.dirname(out_json) or '.', exist_ok=True)
-with open(out_json, 'w') as f:
+with open(out_json, 'w') as f:  # its directory was made at start-up
     # scores: every prompt's, in the order of the prompts (prompts and samples: the first 50)
     json.dump(strict_json({'config': config, 'results': results, 'prompts': questions[:50],
                            'samples': {name: texts[:50] for name, (_, _, texts, _) in answers.items()},

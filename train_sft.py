@@ -129,9 +129,10 @@ if init_from == 'resume':
     restore_rng(ckpt)
     del ckpt
 # resumed or from GPT-2, the model's shape is the checkpoint's whatever n_layer, ... say: the config records what was built
-config.update({k: model_args[k] for k in ('n_layer', 'n_head', 'n_embd', 'vocab_size')})
+shape = {k: model_args[k] for k in ('n_layer', 'n_head', 'n_embd', 'vocab_size')}
+config.update(shape)
 if master:
-    shape = ', '.join(f"{k} {model_args[k]}" for k in ('n_layer', 'n_head', 'n_embd', 'vocab_size'))
+    shape = ', '.join(f"{k} {v}" for k, v in shape.items())
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters ({shape}){'' if init_from == 'scratch' else ', from ' + init_from}")
 train_model = wrap_for_training(model, compile, ddp, device, grad_checkpoint)  # compiled and/or DDP; model stays the plain GPT
 

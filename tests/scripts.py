@@ -14,6 +14,7 @@ import types
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,8 +49,8 @@ def function_defs(name, *functions, **names):
 # child then sets up what a fresh interpreter would have (argv, sys.path, __main__, cwd, environment,
 # stdout/stderr, thread count, a random seed, the exit code of an uncaught exception, the clean-up
 # at exit) and runs the script. Environment variables that only take effect when an interpreter or
-# torch starts can't be set that way: a run given any other than OMP_NUM_THREADS gets a fresh
-# interpreter, and RLHF_TESTS_SUBPROCESS=1 gives every run one (slower; the check that the shortcut
+# torch starts can't be set that way: a run given any other than those in READ_AT_RUN_TIME gets a
+# fresh interpreter, and RLHF_TESTS_SUBPROCESS=1 gives every run one (slower; the check that the shortcut
 # changes nothing: the suite passes both ways). The server also imports torch._dynamo, which the first
 # optimizer a script builds would import (another 1.5 s a run).
 FRESH_INTERPRETER = os.environ.get('RLHF_TESTS_SUBPROCESS') == '1'
@@ -201,7 +202,6 @@ def read_log(path):
 def assert_same_log(a_path, b_path):
     """Two runs' log.jsonl, row for row: the same keys in the same order, the same numbers (to float32 noise).
     Returns the second log."""
-    import pytest
     a, b = read_log(a_path), read_log(b_path)
     assert [list(row) for row in a] == [list(row) for row in b]
     for a_row, b_row in zip(a, b):

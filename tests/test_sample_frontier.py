@@ -279,10 +279,6 @@ def test_sample_reward_model_is_a_clear_error(tmp_path):
     assert p.returncode == 2 and "stage 'sft', expected 'rm'" in p.stderr and 'Traceback' not in p.stderr, p.stderr
     # and a reward model that reads fewer tokens than the policy writes
     short = dict(ARGS, block_size=16, scalar_head=True)
-    truncated = tmp_path / 'truncated.pt'  # a copy cut short
-    truncated.write_bytes(sft.read_bytes()[:1000])
-    other = tmp_path / 'other.jsonl'
-    other.write_text(json.dumps({'prompt': QUESTIONS[0]}) + '\n' + json.dumps({'prompt': 'Write a poem about my cat.'}) + '\n')
     save_checkpoint(tmp_path / 'rm_short.pt', GPT(GPTConfig(**short)), None, short, {}, 'rm', 0, reward_offset=0.0)
     p = run_script('sample.py', f'--ckpt={sft}', f'--rm_ckpt={tmp_path / "rm_short.pt"}', '--prompt=hi', '--device=cpu',
                    check=False, timeout=60)
