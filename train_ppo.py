@@ -167,6 +167,7 @@ ppo_epochs = 2                                # passes over each rollout batch
 mini_batch_size = 32                          # sequences per optimizer step, summed over all processes
 micro_batch_size = 32                         # sequences per forward pass per process
 learning_rate = 1e-4                          # AdamW learning rate, policy and value model
+decay_lr = False                              # decay it linearly to 0 over the run's optimizer steps (TRL's default)
 weight_decay = 0.0                            # AdamW weight decay
 grad_clip = 1.0                               # clip the gradient norm at this value (0: off)
 skip_nonfinite = False                        # on a NaN/inf loss or gradient: skip the step (True) or stop (False)
@@ -333,6 +334,9 @@ for it in bar:
     stat_keys = ('pg_loss', 'vf_loss', 'pg_clipfrac', 'vf_clipfrac', 'approxkl', 'ratio', 'entropy')
     mb_sums, ratio_dev, grad_norms = [], None, []  # mb_sums: each minibatch's statistics summed over its tokens, and its token count
     mb_rows, micro_rows = mini_batch_size // world_size, micro_batch_size
+    steps_per_iter = ppo_epochs * (batch_size // mini_batch_size)
+    lrs = [learning_rate * (1 - (it * steps_per_iter + j) / (max_iters * steps_per_iter)) if decay_lr else learning_rate
+           for j in range(steps_per_iter)]  # the learning rate of each of this iteration's optimizer steps
     for epoch in range(ppo_epochs):
         order = torch.randperm(len(batch))
         for start in range(0, len(batch), mb_rows):
@@ -364,6 +368,8 @@ for it in bar:
             # the minibatch's loss (the mean over processes of their shares, as grad_norm is): every rank decides alike
             mean_loss = all_reduce_mean(mb_loss, ddp).item()
             if check_finite(mean_loss, grad_norm, it, os.path.join(out_dir, 'ckpt.pt'), skip_nonfinite):
+                for group in optimizer.param_groups:
+                    group['lr'] = lrs[len(mb_sums) - 1]  # this minibatch's step in the iteration
                 optimizer.step()
                 grad_norms.append(grad_norm)  # logged: their mean over the steps taken (before clipping)
             optimizer.zero_grad(set_to_none=True)
@@ -386,7 +392,7 @@ for it in bar:
     if adaptive_kl_ctl:
         kl_coef = adaptive_kl(kl_coef, row['kl'], target_kl, kl_horizon, batch_size)
     if master:
-        row.update(iter=it, kl_coef=kl_coef, **{'check/ratio_dev': ratio_dev})
+        row.update(iter=it, kl_coef=kl_coef, lr=lrs[0], **{'check/ratio_dev': ratio_dev})
         log.write(json.dumps(row) + '\n')
         log.flush()
         bar.set_postfix_str(f"score {row['score']:.3f}, kl {row['kl']:.2f}, {gold_text(row)}")

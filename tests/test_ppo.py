@@ -367,6 +367,22 @@ def test_adaptive_kl_coefficient_is_updated_logged_saved_and_resumed(tmp_path):
     assert torch.load(tmp_path / 'ppo' / 'ckpt.pt', weights_only=True)['kl_coef'] == pytest.approx(kl_coef, rel=1e-12)
 
 
+def test_ppo_decay_lr_is_linear_to_zero_over_the_optimizer_steps(tmp_path):
+    # 2 iterations x 2 epochs x 2 minibatches = 8 optimizer steps; step s (from 0) uses 1e-3 x (1 - s / 8)
+    args = make_tiny_world(tmp_path) + ['--max_iters=2', '--learning_rate=1e-3']
+    for decay in (True, False):
+        run_script('train_ppo.py', *args, f'--decay_lr={decay}', f'--out_dir={tmp_path / str(decay)}')
+    decayed, constant = (read_log(tmp_path / str(d) / 'log.jsonl') for d in (True, False))
+    assert [row['lr'] for row in decayed] == pytest.approx([1e-3, 1e-3 * (1 - 4 / 8)], rel=1e-12)  # each iteration's first step
+    assert [row['lr'] for row in constant] == [1e-3, 1e-3]
+    # the last step's rate is the one the optimizer kept, and the one it applied: the runs part ways
+    groups = torch.load(tmp_path / 'True' / 'ckpt.pt', weights_only=True)['optimizer']['param_groups']
+    assert [g['lr'] for g in groups] == pytest.approx([1e-3 * (1 - 7 / 8)], rel=1e-12)
+    rollout = ('score', 'kl', 'rlhf_reward', 'response_length', 'explained_variance')  # before any step: the same
+    assert [decayed[0][k] for k in rollout] == [constant[0][k] for k in rollout]
+    assert decayed[0]['pg_loss'] != pytest.approx(constant[0]['pg_loss'], rel=1e-4)  # steps 1-3 took smaller steps
+
+
 @pytest.mark.parametrize('token, n_new', [(100, 16), (511, 1)])
 def test_ppo_iteration_statistics_by_hand(tmp_path, token, n_new):
     # a policy that always samples the same token (a logit of 320 against about +-1) makes the rollout known: every

@@ -62,7 +62,8 @@ def rm_args(tmp_path):
 
 
 def ppo_args(tmp_path):
-    return make_tiny_world(tmp_path) + ['--max_iters=4', '--ckpt_interval=2', '--learning_rate=1e-3']
+    # a decaying learning rate: a resumed run must pick up the schedule where the checkpoint left it
+    return make_tiny_world(tmp_path) + ['--max_iters=4', '--ckpt_interval=2', '--learning_rate=1e-3', '--decay_lr=True']
 
 
 def run_all(cases, tmp_path):
