@@ -7,6 +7,7 @@ the models were trained with (common.encode_prompt / decode_response).
     python sample.py --ckpt=out/sft/best.pt --prompt_file=questions.txt   # one question per line
     python sample.py --ckpt=out/sft/best.pt --prompt_file=data/tinyhh/eval_prompts.jsonl   # each line's "prompt"
     python sample.py --ckpt=out/sft/best.pt                                # interactive: a question per line, 'quit' or EOF ends
+    python sample.py --ckpt=out/dpo_hh/best.pt --chat=True --judge=False   # a conversation: each question follows the earlier turns
 
 Each answer says whether it ended with <|endoftext|> or ran out of tokens, and (unless --judge=False),
 with the built-in world importable, the gold judge's score in [-1, 1] (meaningful for tinyhh questions only).
@@ -20,7 +21,7 @@ import sys
 import torch
 
 from common import decode_response, default_device, default_dtype, encode_prompt, get_tokenizer, \
-    model_from_checkpoint, require_checkpoint, require_reward_model, setup
+    model_from_checkpoint, render_prompt, render_response, require_checkpoint, require_reward_model, setup
 from configurator import check, configure
 from loaders import read_jsonl
 
@@ -30,6 +31,7 @@ ckpt = 'out/ppo/ckpt.pt'      # the checkpoint to chat with (stage sft, ppo or d
 prompt = ''                   # one question to answer ('' and no prompt_file: interactive loop)
 prompt_file = ''              # a text file: answer each non-empty line (a .jsonl file: each line's "prompt")
 num_samples = 1               # answers per question
+chat = False                  # each question follows the conversation so far, the first answer its reply ('reset': start over)
 max_new_tokens = 64           # response tokens at most
 temperature = 0.7             # 0: greedy decoding
 top_k = 0                     # sample from the k most likely tokens only (0: off)
@@ -76,9 +78,10 @@ if judge:
 print(f"{ckpt}: stage {stage!r}, step {step}, {model.get_num_params() / 1e6:.2f}M parameters, on {device}")
 
 
-def answer(question):
-    """Sample num_samples responses to one question and print them, each with how it ended."""
-    tokens = encode_prompt(enc, question)
+def answer(question, history=''):
+    """Sample num_samples responses to one question, asked after history (earlier turns in HH-RLHF's format), and
+    print them, each with how it ended; returns the first one's text."""
+    tokens = encode_prompt(enc, history + render_prompt(question))
     # prompt and response must fit the context: the response gets room for at least min(max_new_tokens,
     # block_size / 2) tokens (a longer prompt keeps its end), and at most max_new_tokens
     keep = block_size - min(max_new_tokens, block_size // 2)
@@ -90,10 +93,12 @@ def answer(question):
         seq, _, _, response_mask = model.generate([tokens] * num_samples, n_new, enc.eot_token,
                                                   temperature, top_k or None, top_p, generator=generator)
     P = seq.size(1) - response_mask.size(1)  # prompt positions (the same prompt in every row: no padding)
+    texts = []
     for i in range(num_samples):
         response = seq[i, P:P + int(response_mask[i].sum())].tolist()  # (n,) up to and with the eos
         ended = response[-1] == enc.eot_token
         text = decode_response(enc, response)
+        texts.append(text)
         note = 'ended with <|endoftext|>' if ended else f'ran out of tokens ({n_new} at most)'
         note += f", {len(response)} token{'s' if len(response) > 1 else ''}"
         if gold is not None:
@@ -103,6 +108,22 @@ def answer(question):
                 note += f", reward {reward_model(seq[i:i + 1, :P + len(response)])[0][0, -1].item():+.2f}"
         head = f"[{i + 1}/{num_samples}] " if num_samples > 1 else ''
         print(f"Assistant: {head}{text}\n  ({note})")
+    return texts[0]
+
+
+history = ''  # with chat: the conversation so far
+
+
+def ask(question):
+    """Answer a question; with chat, after the earlier turns, and the first answer becomes the next turn."""
+    global history
+    if chat and question.lower() == 'reset':
+        history = ''
+        print('(a new conversation)')
+        return
+    reply = answer(question, history)
+    if chat:
+        history += render_prompt(question) + render_response(reply)
 
 
 if prompt:
@@ -125,9 +146,10 @@ else:
 if questions is not None:
     for q in questions:
         print(f"\nHuman: {q}")
-        answer(q)
+        ask(q)
 else:
-    print("interactive: type a question and press enter; 'quit' or Ctrl-D to end")
+    print("interactive: type a question and press enter; " + ("'reset' starts a new conversation; " if chat else '')
+          + "'quit' or Ctrl-D to end")
     while True:
         try:
             q = input('\nHuman: ').strip()
@@ -139,4 +161,4 @@ else:
         if q.lower() in ('quit', 'exit'):
             break
         if q:
-            answer(q)
+            ask(q)

@@ -298,6 +298,31 @@ def test_sample_interactive_until_eof(tmp_path):
     assert 'gold' not in p.stdout
 
 
+def test_sample_chat_keeps_the_conversation_until_reset(tmp_path):
+    from common import decode_response, encode_prompt, get_tokenizer, render_prompt, render_response
+    ckpt = tiny_lm(tmp_path / 'sft.pt')
+    questions = ['Hi there.', 'And then?', 'reset', 'And then?']
+    p = subprocess.run([sys.executable, str(ROOT / 'sample.py'), f'--ckpt={ckpt}', '--max_new_tokens=6', '--judge=False',
+                        '--temperature=0', '--chat=True', '--device=cpu', '--dtype=float32'],
+                       input='\n'.join(questions) + '\n', cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    replies = [line.removeprefix('Assistant: ') for line in p.stdout.splitlines() if line.startswith('Assistant: ')]
+    assert len(replies) == 3 and '(a new conversation)' in p.stdout
+
+    # greedy answers by hand: the second question after the first turn, in HH-RLHF's format; the last one alone
+    model = GPT(GPTConfig(**ARGS))
+    model.load_state_dict(torch.load(ckpt, weights_only=True)['model'])
+    enc = get_tokenizer(ARGS['vocab_size'])
+
+    def greedy(text):
+        seq, _, _, mask = model.eval().generate([encode_prompt(enc, text)], 6, enc.eot_token, temperature=0)
+        return decode_response(enc, seq[0, seq.size(1) - mask.size(1):].tolist())
+    first_turn = render_prompt(questions[0]) + render_response(replies[0])
+    assert first_turn == f"\n\nHuman: Hi there.\n\nAssistant: {replies[0]}"
+    assert replies == [greedy(questions[0]), greedy(first_turn + render_prompt(questions[1])), greedy(questions[3])]
+    assert replies[1] != replies[2]  # the earlier turn changed the answer
+
+
 def check_png(path):
     data = path.read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) > 5000
