@@ -12,9 +12,12 @@ One iteration:
   4. GAE       A_t = sum_l (gamma lam)^l delta_{t+l}, delta_t = r_t + gamma V(s_{t+1}) - V(s_t);
                returns R_t = A_t + V(s_t); advantages whitened over valid tokens. -> gae
   5. update    several epochs over minibatches of the rollout batch:
-               L = L_clip + vf_coef * L_V, with
+               L = L_clip + vf_coef * L_V (+ ptx_coef * L_ptx), with
                L_clip = -E[min(rho A, clip(rho, 1-eps, 1+eps) A)], rho = pi/pi_old  -> ppo_policy_loss
                L_V = 0.5 E[max((V - R)^2, (clip(V, V_old +- eps_v) - R)^2)]        -> ppo_value_loss
+               L_ptx = -mean_t log pi(y_t | x, y_<t) over the response tokens of demonstrations
+               (x, y) from ptx_file, at temperature 1 (train_sft.py's loss): InstructGPT's PPO-ptx
+               term (eq. 2), with SFT demonstrations in place of its pretraining data    -> ptx_loss
   6. kl_coef   fixed, or adapted toward target_kl (Ziegler et al.'s controller)    -> adaptive_kl
 
 Four models: the policy (trained, from SFT), the reference (frozen SFT), the reward model (frozen,
@@ -23,9 +26,8 @@ standard choice: it already reads text as a scalar). Dropout is off everywhere, 
 log-prob (sampling, reference, update) uses the same temperature, so the ratio pi/pi_old is 1 on
 the first micro-batch up to rounding (logged as check/ratio_dev: a few 1e-6 in float32, where pi_old
 comes from the sampling step; under bf16 pi_old comes from an eager forward pass and pi from the
-training pass, compiled on CUDA, so the two may round apart). Not here: InstructGPT's pretraining
-term (PPO-ptx), reward whitening, entropy bonus, multiple samples per prompt, a separate critic
-learning rate.
+training pass, compiled on CUDA, so the two may round apart). Not here: reward whitening, entropy
+bonus, multiple samples per prompt, a separate critic learning rate.
 
     python train_ppo.py                  # after train_sft.py and train_reward_model.py
     python train_ppo.py --kl_coef=0.1
@@ -45,7 +47,7 @@ from common import (all_reduce_mean, check_finite, decode_response, default_comp
                     require_reward_model, restore_rng, sampling_logprobs_exact, save_checkpoint, setup,
                     wrap_for_training)
 from configurator import check, configure
-from loaders import batch_indices, read_jsonl, tokenize_prompts
+from loaders import batch_indices, collate, read_jsonl, tokenize_prompts, tokenize_sft
 
 # -----------------------------------------------------------------------------
 # the math: pure functions, tensors in and out (checked against closed forms in tests/)
@@ -115,6 +117,12 @@ def ppo_value_loss(values, old_values, returns, mask, cliprange_value):
     return loss, clipfrac
 
 
+def ptx_loss(logprobs, mask):
+    """L_ptx: the mean negative log-likelihood of the demonstrations' response tokens under the policy, at
+    temperature 1: train_sft.py's loss, which PPO-ptx keeps low while the policy chases the reward."""
+    return -masked_mean(logprobs, mask)
+
+
 def explained_variance(values, returns, mask):
     """1 - Var(R - V) / Var(R) over the response tokens: the share of the returns' variance the value model
     predicts (1: all of it, 0: no better than their mean, below 0: worse). A diagnostic, logged."""
@@ -161,6 +169,8 @@ lam = 0.95                                    # GAE lambda
 cliprange = 0.2                               # PPO clip on the probability ratio
 cliprange_value = 0.2                         # clip on the value change
 vf_coef = 0.1                                 # weight of the value loss
+ptx_coef = 0.0                                # PPO-ptx: weight of the SFT loss on ptx_file (0: off; InstructGPT's gamma)
+ptx_file = 'data/tinyhh/sft_train.jsonl'      # PPO-ptx's demonstrations, {"prompt", "response"}: mini_batch_size per step
 # optimization
 max_iters = 60                                # PPO iterations (rollout + update)
 ppo_epochs = 2                                # passes over each rollout batch
@@ -189,7 +199,8 @@ config = configure(globals())
 check(kl_coef >= 0, f"kl_coef must be >= 0, got {kl_coef}")
 check(temperature > 0, f"temperature must be > 0 (sampling is pure sampling at that temperature), got {temperature}")
 check(0 <= gamma <= 1 and 0 <= lam <= 1, "gamma and lam must be in [0, 1]")
-check(cliprange > 0 and cliprange_value > 0 and vf_coef >= 0, "cliprange, cliprange_value > 0 and vf_coef >= 0")
+check(cliprange > 0 and cliprange_value > 0 and vf_coef >= 0 and ptx_coef >= 0,
+      "need cliprange, cliprange_value > 0 and vf_coef, ptx_coef >= 0")
 check(target_kl > 0 and kl_horizon > 0, "target_kl and kl_horizon must be > 0")
 check(init_from in ('sft', 'resume'), f"init_from must be 'sft' or 'resume', got {init_from!r}")
 check(decode in ('dynamic', 'static', 'compiled'), f"decode must be 'dynamic', 'static' or 'compiled', got {decode!r}")
@@ -259,9 +270,13 @@ if gold_judge == 'tinyhh':
 records = read_jsonl(prompt_file, 'rl')
 prompts = tokenize_prompts(records, enc, max_prompt_len, prompt_file)
 check(len(prompts) >= batch_size, f"{prompt_file}: {len(prompts)} prompts, fewer than one batch of {batch_size}")
+if ptx_coef > 0:  # PPO-ptx: demonstrations, each step's batch by the step, like SFT's (loss on the response tokens)
+    ptx_data = tokenize_sft(read_jsonl(ptx_file, 'sft'), enc, model_args['block_size'], ptx_file)
+    check(len(ptx_data) >= mini_batch_size, f"{ptx_file}: {len(ptx_data)} examples, fewer than one minibatch of {mini_batch_size}")
 if master:
     print(f"ppo: {len(prompts)} prompts, {batch_size} per iteration, {ppo_epochs} epochs of "
-          f"{batch_size // mini_batch_size} minibatches; kl_coef {kl_coef}{' (adaptive)' if adaptive_kl_ctl else ''}")
+          f"{batch_size // mini_batch_size} minibatches; kl_coef {kl_coef}{' (adaptive)' if adaptive_kl_ctl else ''}"
+          f"{f'; PPO-ptx on {len(ptx_data)} demonstrations, ptx_coef {ptx_coef}' if ptx_coef > 0 else ''}")
 
 
 def response_targets(seq, P, response_mask):
@@ -333,6 +348,7 @@ for it in bar:
     # 5. PPO update: ppo_epochs passes over the rollout in minibatches
     stat_keys = ('pg_loss', 'vf_loss', 'pg_clipfrac', 'vf_clipfrac', 'approxkl', 'ratio', 'entropy')
     mb_sums, ratio_dev, grad_norms = [], None, []  # mb_sums: each minibatch's statistics summed over its tokens, and its token count
+    ptx_sums = []  # PPO-ptx: each minibatch's summed NLL on this process, and the minibatch's demonstration tokens
     mb_rows, micro_rows = mini_batch_size // world_size, micro_batch_size
     steps_per_iter = ppo_epochs * (batch_size // mini_batch_size)
     lrs = [learning_rate * (1 - (it * steps_per_iter + j) / (max_iters * steps_per_iter)) if decay_lr else learning_rate
@@ -344,7 +360,13 @@ for it in bar:
             # each token weighs the same in the minibatch's loss, whatever micro-batch or process it sits in
             mb_tokens = all_reduce_mean(response_mask[mb].sum(), ddp) * world_size
             mb_loss = 0.0  # the minibatch's loss: the sum of the micro-batches' shares
+            j = len(mb_sums)  # this minibatch's optimizer step in the iteration
             mb_sums.append(torch.zeros(len(stat_keys) + 1, device=device))
+            if ptx_coef > 0:  # this optimizer step's demonstrations (a function of the step: resumable), in the same micro-batches
+                step = it * steps_per_iter + j
+                ptx_batch = [ptx_data[i] for i in batch_indices(len(ptx_data), mini_batch_size, step, seed, rank, world_size)]
+                ptx_tokens = all_reduce_mean(torch.tensor(float(sum(len(r) for _, r in ptx_batch)), device=device), ddp) * world_size
+                ptx_sums.append(torch.stack([torch.zeros((), device=device), ptx_tokens]))
             for k in range(0, len(mb), micro_rows):
                 rows = mb[k:k + micro_rows]
                 if ddp:  # sync gradients only on the last micro-batch
@@ -358,6 +380,14 @@ for it in bar:
                 # the micro-batch's token means, weighted to a share of the minibatch's token mean;
                 # DDP averages gradients over processes, hence * world_size
                 loss = (pg_loss + vf_coef * vf_loss) * mask.sum() / mb_tokens * world_size
+                if ptx_coef > 0:  # a second policy pass, on demonstrations; its token mean weighted like the PPO loss's
+                    ptx_seq, ptx_targets, _ = collate(ptx_batch[k:k + micro_rows], enc.eot_token, device, pin_memory=False)
+                    with ctx:
+                        ptx_logprobs, _ = train_policy(ptx_seq[:, :-1], ptx_targets)
+                    ptx_mask = (ptx_targets >= 0).float()
+                    nll = ptx_loss(ptx_logprobs.float(), ptx_mask)
+                    loss = loss + ptx_coef * nll * ptx_mask.sum() / ptx_tokens * world_size
+                    ptx_sums[-1][0] += nll.detach() * ptx_mask.sum()
                 loss.backward()
                 mb_loss += loss.detach()
                 if ratio_dev is None:  # the first micro-batch: no step taken yet, so pi == pi_old up to rounding
@@ -369,7 +399,7 @@ for it in bar:
             mean_loss = all_reduce_mean(mb_loss, ddp).item()
             if check_finite(mean_loss, grad_norm, it, os.path.join(out_dir, 'ckpt.pt'), skip_nonfinite):
                 for group in optimizer.param_groups:
-                    group['lr'] = lrs[len(mb_sums) - 1]  # this minibatch's step in the iteration
+                    group['lr'] = lrs[j]
                 optimizer.step()
                 grad_norms.append(grad_norm)  # logged: their mean over the steps taken (before clipping)
             optimizer.zero_grad(set_to_none=True)
@@ -389,6 +419,9 @@ for it in bar:
     # the micro-batches), then the mean over the optimizer steps
     sums = all_reduce_mean(torch.stack(mb_sums), ddp)  # (minibatches, len(stat_keys) + 1)
     row.update(zip(stat_keys, (sums[:, :-1] / sums[:, -1:]).mean(0).tolist()))
+    if ptx_coef > 0:  # PPO-ptx's loss the same way: each minibatch's mean over its demonstration tokens, averaged
+        ptx_sums = torch.stack(ptx_sums)  # (minibatches, 2): this process's NLL sum, all processes' token count
+        row['ptx_loss'] = (all_reduce_mean(ptx_sums[:, 0], ddp) * world_size / ptx_sums[:, 1]).mean().item()
     if adaptive_kl_ctl:
         kl_coef = adaptive_kl(kl_coef, row['kl'], target_kl, kl_horizon, batch_size)
     if master:

@@ -12,7 +12,7 @@ import torch
 from common import get_tokenizer, model_from_checkpoint, save_checkpoint
 from loaders import batch_indices, read_jsonl, tokenize_prompts
 from scripts import OFFLINE_ENV, ROOT, assert_same_log, read_log, start_python
-from test_ppo import make_tiny_world
+from test_ppo import make_tiny_world, write_demonstrations
 from test_reliability import output, prefs_args, rm_args, sft_args, start
 
 
@@ -153,8 +153,11 @@ def test_ppo_logs_global_statistics_and_resumes_exactly(tmp_path):
 def test_ppo_update_statistics_and_step_of_two_processes_match_one(tmp_path):
     """The policy of the test above (its rollouts are known whatever each rank's sampling RNG) and one minibatch
     of the whole global batch: 1 process and 2 take the same optimizer step and log the same update statistics,
-    each the minibatch's mean over all its tokens on both ranks (the value loss differs between the ranks' halves)."""
-    args = make_tiny_world(tmp_path) + ['--max_iters=1', '--ppo_epochs=1', '--mini_batch_size=8', '--learning_rate=1e-3']
+    each the minibatch's mean over all its tokens on both ranks (the value loss differs between the ranks' halves);
+    with PPO-ptx, whose demonstrations the ranks split too, weighted by their tokens on both ranks."""
+    demos = write_demonstrations(tmp_path / 'demos.jsonl')
+    args = make_tiny_world(tmp_path) + ['--max_iters=1', '--ppo_epochs=1', '--mini_batch_size=8', '--learning_rate=1e-3',
+                                        '--ptx_coef=0.5', f'--ptx_file={demos}']
     token = 100
     ckpt = torch.load(tmp_path / 'sft.pt', weights_only=True)
     policy, _ = model_from_checkpoint(ckpt)
@@ -169,7 +172,7 @@ def test_ppo_update_statistics_and_step_of_two_processes_match_one(tmp_path):
     wait(one, tmp_path, 'one')
     (a,), (b,) = read_log(tmp_path / 'one' / 'log.jsonl'), read_log(tmp_path / 'two' / 'log.jsonl')
     assert a['vf_loss'] > 1e-3
-    for k in ('pg_loss', 'vf_loss', 'pg_clipfrac', 'vf_clipfrac', 'approxkl', 'ratio', 'entropy', 'score', 'grad_norm'):
+    for k in ('pg_loss', 'vf_loss', 'pg_clipfrac', 'vf_clipfrac', 'approxkl', 'ratio', 'entropy', 'score', 'grad_norm', 'ptx_loss'):
         assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (k, a[k], b[k])
     w1, w2 = (torch.load(tmp_path / d / 'ckpt.pt', weights_only=True) for d in ('one', 'two'))
     for key in ('model', 'value_model'):

@@ -134,6 +134,12 @@ def test_explained_variance_over_response_tokens():
     assert ppo.explained_variance(v, returns, mask).item() == pytest.approx(1 - 0.7 / 2.5, rel=1e-6)
 
 
+def test_ptx_loss_is_the_mean_nll_of_the_masked_tokens():
+    logprobs = torch.tensor([[-1.0, -2.0, -9.0], [-3.0, -9.0, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert ppo.ptx_loss(logprobs, mask).item() == pytest.approx((1 + 2 + 3) / 3)
+
+
 def test_adaptive_kl_controller():
     assert math.isclose(ppo.adaptive_kl(0.1, 12.0, 6.0, 10000, 64), 0.1 * (1 + 0.2 * 64 / 10000))  # error clipped at +0.2
     assert math.isclose(ppo.adaptive_kl(0.1, 5.4, 6.0, 10000, 64), 0.1 * (1 - 0.1 * 64 / 10000))
@@ -365,6 +371,54 @@ def test_adaptive_kl_coefficient_is_updated_logged_saved_and_resumed(tmp_path):
         assert row['kl_coef'] == pytest.approx(kl_coef, rel=1e-12), row
     assert len({0.05, *(row['kl_coef'] for row in log)}) == 3  # it moved every iteration
     assert torch.load(tmp_path / 'ppo' / 'ckpt.pt', weights_only=True)['kl_coef'] == pytest.approx(kl_coef, rel=1e-12)
+
+
+def write_demonstrations(path, n=16):
+    with open(path, 'w') as f:
+        for i in range(n):
+            f.write(json.dumps({'prompt': f"say {i}" + ' please' * (i % 3), 'response': f"{i} and {i * 3} " * (1 + i % 4)}) + '\n')
+    return path
+
+
+@pytest.mark.parametrize('micro', [8, 2])
+def test_ppo_ptx_gradient_is_ptx_coef_times_the_sft_loss_gradient(tmp_path, micro):
+    # no PPO gradient at all: a reward model scoring 0 (the value model too), kl_coef 0 and no missing-eos penalty
+    # make every advantage and return 0, and vf_coef is 0. Each optimizer step's gradient is then PPO-ptx's alone:
+    # ptx_coef x the SFT loss (mean NLL over the response tokens, temperature 1) of that step's batch of
+    # demonstrations, whatever the micro-batches (of 2 rows: unequal token counts). A learning rate too small to
+    # move a float32 weight keeps the policy the SFT model's: 2 iterations x 2 steps, each step's batch by hand
+    # (steps 2 and 3 in the demonstrations' second epoch), logged per iteration as the mean over its steps
+    from loaders import batch_indices, collate, read_jsonl, tokenize_sft
+    from common import get_tokenizer
+    args = make_tiny_world(tmp_path)
+    rm = torch.load(tmp_path / 'rm.pt', weights_only=True)
+    rm['model']['scalar_head.weight'].zero_()
+    torch.save(rm, tmp_path / 'rm.pt')
+    demos = write_demonstrations(tmp_path / 'demos.jsonl')
+    run_script('train_ppo.py', *args, '--max_iters=2', '--ppo_epochs=2', '--mini_batch_size=8', f'--micro_batch_size={micro}',
+               '--kl_coef=0', '--missing_eos_penalty=0', '--vf_coef=0', '--ptx_coef=2.5', f'--ptx_file={demos}',
+               '--learning_rate=1e-20', f'--out_dir={tmp_path / "ppo"}')
+    log = read_log(tmp_path / 'ppo' / 'log.jsonl')
+    assert [row['score'] for row in log] == [0, 0] and [row['pg_loss'] for row in log] == [0, 0]
+
+    ckpt = torch.load(tmp_path / 'sft.pt', weights_only=True)
+    policy = GPT(GPTConfig(**ckpt['model_args']))
+    policy.load_state_dict(ckpt['model'])
+    enc = get_tokenizer(512)
+    data = tokenize_sft(read_jsonl(demos, 'sft'), enc, 64)
+    nlls, norms = [], []
+    for step in range(4):
+        seq, targets, _ = collate([data[i] for i in batch_indices(len(data), 8, step, 1337)], enc.eot_token)
+        logprobs, _ = policy(seq[:, :-1], targets)
+        nll = -logprobs.sum() / (targets >= 0).sum()
+        policy.zero_grad()
+        (2.5 * nll).backward()
+        nlls.append(nll.item())
+        norms.append(torch.sqrt(sum((p.grad ** 2).sum() for p in policy.parameters())).item())
+    assert len(set(nlls)) == 4  # four different batches
+    for i, row in enumerate(log):
+        assert row['ptx_loss'] == pytest.approx((nlls[2 * i] + nlls[2 * i + 1]) / 2, rel=1e-5)
+        assert row['grad_norm'] == pytest.approx((norms[2 * i] + norms[2 * i + 1]) / 2, rel=1e-4)
 
 
 def test_ppo_decay_lr_is_linear_to_zero_over_the_optimizer_steps(tmp_path):
