@@ -99,8 +99,9 @@ check(decode in ('dynamic', 'static', 'compiled'), f"decode must be 'dynamic', '
 
 if threads and 'cuda' not in device:
     torch.set_num_threads(threads)
-if compile:  # the four stages compile GPT.forward for 7 kinds of call in one process: more room than the default 8
-    torch._dynamo.config.recompile_limit = 64
+if compile:  # the four stages compile GPT.forward for 7 kinds of call in one process, each recompiled for new shapes
+    # and grad modes: more than the default limit of 8 recompiles (the setting's name before torch 2.7: cache_size_limit)
+    setattr(torch._dynamo.config, 'recompile_limit' if hasattr(torch._dynamo.config, 'recompile_limit') else 'cache_size_limit', 64)
 _, _, _, device, ctx = setup(device, dtype, seed, tf32=tf32, flash_attention=flash_attention)
 device_type = 'cuda' if 'cuda' in device else 'cpu'
 B, P, R, T = batch_size, prompt_len, response_len, prompt_len + response_len

@@ -1,6 +1,6 @@
 """
 Plumbing shared by every stage: the offline GPT-2 tokenizer and the chat template, checkpoint
-I/O, and the small pieces of training set-up (device, precision, DDP, optimizer, schedule).
+I/O, and the small pieces of training set-up (device, precision, DDP, the LR schedule).
 The algorithms themselves live in their own train_*.py scripts.
 """
 import hashlib
@@ -388,12 +388,12 @@ def model_from_checkpoint(ckpt, scalar_head=None, dropout=0.0):
     return model, args
 
 
-def check_finite(loss, grad_norm, step, ckpt_path, skip):
-    """A NaN/inf loss or gradient norm stops the run (naming the step and the last good checkpoint)
-    or, with skip, skips the step. Returns True when the step may be taken."""
+def check_finite(loss, grad_norm, where, ckpt_path, skip):
+    """A NaN/inf loss or gradient norm stops the run (naming where, 'step 12' say, and the last good
+    checkpoint) or, with skip, skips the step. Returns True when the step may be taken."""
     if math.isfinite(loss) and math.isfinite(float(grad_norm)):
         return True
-    msg = f"step {step}: non-finite loss {loss} or gradient norm {float(grad_norm):.3g}"
+    msg = f"{where}: non-finite loss {loss} or gradient norm {float(grad_norm):.3g}"
     if skip:
         print(f"{msg}; step skipped")
         return False

@@ -15,7 +15,7 @@ every model), judge it with data/tinyhh/world.py, and report
   honest      unknowable questions answered with honest uncertainty (and nothing made up)
   ended       responses closed by <|endoftext|>
   length      mean response length in tokens
-  rm          the learned reward model's mean score (with --rm_ckpt)
+  rm          the learned reward model's mean score (unless rm_ckpt='')
   rm_win      the reward model's win rate against the baseline's answer: the share of prompts where it
               scores the model's answer higher, among those where the two scores differ. PPO maximised
               this very reward model, so its rm and rm_win can rise where gold does not (compare win)

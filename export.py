@@ -17,7 +17,7 @@ import json
 import os
 import struct
 
-from common import BPE_PATH, gpt2_byte_decoder, gpt2_byte_order, require_checkpoint
+from common import BPE_PATH as _BPE_PATH, gpt2_byte_decoder, gpt2_byte_order, require_checkpoint
 from configurator import check, configure
 from model import GPT2_ARCHITECTURE, GPT2_CONV1D
 
@@ -59,7 +59,7 @@ check(all(k.startswith('transformer.') for k in weights), f"{ckpt}: unexpected w
 V = args['vocab_size']
 to_char = {b: c for c, b in gpt2_byte_decoder().items()}
 vocab = {to_char[b]: i for i, b in enumerate(gpt2_byte_order())}  # ids 0-255: the bytes
-with open(BPE_PATH, encoding='utf-8') as f:
+with open(_BPE_PATH, encoding='utf-8') as f:
     merges = [line for line in f.read().split('\n')[1:] if line][:V - 1 - 256]  # the first line is '#version: 0.2'
 for m in merges:  # each merge makes the next id: the two halves joined
     vocab[m.replace(' ', '')] = len(vocab)

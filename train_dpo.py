@@ -100,7 +100,7 @@ seed = 1337                                   # seeds the data order
 # system
 device = default_device()                     # 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = default_dtype()                       # 'float32' | 'bfloat16' (float16 would need loss scaling)
-compile = default_compile()                   # torch.compile the policy: on by default on CUDA, off on a CPU
+compile = default_compile()                   # torch.compile the policy's training passes: on by default on CUDA, off on a CPU
 tf32 = True                                   # CUDA: TF32 matmuls for the float32 work (False: exact float32)
 flash_attention = True                        # CUDA: allow the flash kernel in scaled_dot_product_attention
 fused_adamw = True                            # AdamW as one fused kernel (False: torch's per-tensor loop; same math)
@@ -207,7 +207,9 @@ if precompute_ref_logps:
 
 
 def pair_logps(policy, pairs, indices, ref):
-    """Policy and reference log-probs (each a (chosen, rejected) pair of (B,) tensors) for pairs."""
+    """Policy and reference log-probs (each a (chosen, rejected) pair of (B,) tensors) for pairs. indices: the
+    pairs' positions in their split, where ref, the precomputed (chosen, rejected) log-probs, holds theirs;
+    ref None: run ref_model."""
     seq, targets = collate_pairs(pairs)
     with ctx:
         chosen, rejected = sequence_logps(policy, seq, targets).float().split(len(pairs))
@@ -301,7 +303,7 @@ for step in bar:
         tokens_seen += sum(2 * len(p) + len(c) + len(r) for p, c, r in batch)  # real tokens, pads not counted
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
     train_metrics = means(sums)
-    if not check_finite(train_metrics['loss'], grad_norm, step, ckpt_path, skip_nonfinite):
+    if not check_finite(train_metrics['loss'], grad_norm, f'step {step}', ckpt_path, skip_nonfinite):
         optimizer.zero_grad(set_to_none=True)
         continue
     optimizer.step()

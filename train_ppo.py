@@ -5,8 +5,9 @@ One iteration:
   1. rollout   the policy samples a response y to each prompt x at `temperature`, through the
                KV cache; a response ends at its first <|endoftext|>.            -> policy.generate
   2. score     the frozen reward model scores x+y at its last token; a response that never ended
-               gets `missing_eos_penalty` ADDED to its score.                  -> reward_scores
-               the frozen reference (the SFT model) gives log pi_ref(y_t); the value model V(s_t).
+               gets `missing_eos_penalty` ADDED to its score.       -> scores_of, reward_scores
+               the frozen reference (the SFT model) gives log pi_ref(y_t)     -> logprobs_of
+               and the value model V(s_t).                                     -> values_of
   3. rewards   r_t = -kl_coef * (log pi(y_t) - log pi_ref(y_t)) at every response token,
                plus the score at the last response token.                      -> per_token_rewards
   4. GAE       A_t = sum_l (gamma lam)^l delta_{t+l}, delta_t = r_t + gamma V(s_{t+1}) - V(s_t);
@@ -217,7 +218,7 @@ ddp, rank, world_size, device, ctx = setup(device, dtype, seed, tf32=tf32, flash
 master = rank == 0
 check(mini_batch_size % (micro_batch_size * world_size) == 0,
       f"mini_batch_size {mini_batch_size} must be divisible by micro_batch_size {micro_batch_size} x {world_size} processes")
-# under bfloat16 or TF32 (any CUDA run) the sampling log-probs are not exact: pi_old then comes from a forward pass
+# under bfloat16 or TF32 (a CUDA run with the defaults) the sampling log-probs are not exact: pi_old then comes from a forward pass
 rollout_logprobs = rollout_logprobs and sampling_logprobs_exact(dtype)
 
 # -----------------------------------------------------------------------------
@@ -312,7 +313,7 @@ def gold_text(row):
 # training loop
 log = open_log(out_dir, start_iter, master, ddp, device)  # out_dir/log.jsonl: one JSON row per iteration, by rank 0
 t0 = time.time()
-row = dict.fromkeys(('score', 'kl', 'ended', *(['gold'] if judge else [])), float('nan'))  # no iteration yet: resuming a finished run
+row = dict.fromkeys(('score', 'kl', 'ended', *(['gold'] if judge else [])), float('nan'))  # for the final print if no iteration runs (a finished run resumed)
 bar = tqdm(range(start_iter, max_iters), initial=start_iter, total=max_iters, disable=not master, desc='ppo', mininterval=1.0)
 for it in bar:
     # the iteration's random numbers (sampling, minibatch order) depend on (seed, it, rank) only, like its
@@ -397,14 +398,14 @@ for it in bar:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
             # the minibatch's loss (the mean over processes of their shares, as grad_norm is): every rank decides alike
             mean_loss = all_reduce_mean(mb_loss, ddp).item()
-            if check_finite(mean_loss, grad_norm, it, os.path.join(out_dir, 'ckpt.pt'), skip_nonfinite):
+            if check_finite(mean_loss, grad_norm, f'iteration {it}, minibatch {j}', os.path.join(out_dir, 'ckpt.pt'), skip_nonfinite):
                 for group in optimizer.param_groups:
                     group['lr'] = lrs[j]
                 optimizer.step()
                 grad_norms.append(grad_norm)  # logged: their mean over the steps taken (before clipping)
             optimizer.zero_grad(set_to_none=True)
 
-    # 6. the KL coefficient, and the iteration's statistics (averaged over all processes)
+    # 6. the iteration's statistics (averaged over all processes), then the KL coefficient, adapted to this KL
     kl_seq = kl.sum(1)  # summed over the response: KL(pi || pi_ref) of whole sequences
     k3_seq = (kl_estimators(old_logprobs, ref_logprobs)[1] * response_mask).sum(1)  # the same KL by k3: never negative
     gold = {}  # the gold judge's mean score of the rollouts; without a judge, none (the log has no 'gold')

@@ -89,7 +89,7 @@ seed = 1337                                   # seeds the data order
 # system
 device = default_device()                     # 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = default_dtype()                       # 'float32' | 'bfloat16' (float16 would need loss scaling)
-compile = default_compile()                   # torch.compile the model: on by default on CUDA, off on a CPU
+compile = default_compile()                   # torch.compile the training passes (evaluation runs eager): on by default on CUDA, off on a CPU
 tf32 = True                                   # CUDA: TF32 matmuls for the float32 work (False: exact float32)
 flash_attention = True                        # CUDA: allow the flash kernel in scaled_dot_product_attention
 fused_adamw = True                            # AdamW as one fused kernel (False: torch's per-tensor loop; same math)
@@ -267,7 +267,7 @@ for step in bar:
     loss_sum, correct, margin, chosen_sum, rejected_sum, n = (all_reduce_mean(sums, ddp) * world_size).tolist()
     train_metrics = {'loss': loss_sum / n, 'accuracy': correct / n, 'margin': margin / n,
                      'chosen': chosen_sum / n, 'rejected': rejected_sum / n}
-    if not check_finite(train_metrics['loss'], grad_norm, step, ckpt_path, skip_nonfinite):
+    if not check_finite(train_metrics['loss'], grad_norm, f'step {step}', ckpt_path, skip_nonfinite):
         optimizer.zero_grad(set_to_none=True)
         continue
     optimizer.step()
@@ -301,7 +301,8 @@ if master:
     mean_reward = total / len(demos)
     with torch.no_grad():
         model.scalar_head.bias -= mean_reward  # a constant shift: every preference probability is unchanged
-    reward_offset = best.get('reward_offset', 0.0) + mean_reward  # raw reward = r + reward_offset
+    # raw reward = r + reward_offset; best.pt may be centred already (a finished run resumed): the offsets add up
+    reward_offset = best.get('reward_offset', 0.0) + mean_reward
     save(best_path, best['step'], None, reward_offset=reward_offset)
     for split, metrics in final.items():
         print(f"{split}: {fmt(metrics)}")

@@ -49,7 +49,7 @@ n_layer = 4                                   # transformer blocks
 n_head = 4                                    # attention heads
 n_embd = 128                                  # width
 block_size = 128                              # context length: prompt + response tokens
-vocab_size = 8192                             # first N ranks of GPT-2's BPE (50257: the full vocabulary)
+vocab_size = 8192                             # GPT-2's first N-1 BPE ranks and <|endoftext|> (50257: all of GPT-2's)
 dropout = 0.0                                 # dropout in the model
 # optimization
 batch_size = 32                               # sequences per optimizer step, summed over all processes
@@ -70,7 +70,7 @@ seed = 1337                                   # seeds the data order and the ini
 # system
 device = default_device()                     # 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = default_dtype()                       # 'float32' | 'bfloat16' (float16 would need loss scaling)
-compile = default_compile()                   # torch.compile the model: on by default on CUDA, off on a CPU
+compile = default_compile()                   # torch.compile the training passes (evaluation runs eager): on by default on CUDA, off on a CPU
 tf32 = True                                   # CUDA: TF32 matmuls for the float32 work (False: exact float32)
 flash_attention = True                        # CUDA: allow the flash kernel in scaled_dot_product_attention
 fused_adamw = True                            # AdamW as one fused kernel (False: torch's per-tensor loop; same math)
@@ -128,7 +128,7 @@ if init_from == 'resume':
     optimizer.load_state_dict(ckpt['optimizer'])
     restore_rng(ckpt)
     del ckpt
-# resumed or from GPT-2, the model's shape is the checkpoint's whatever n_layer, ... say: the config records what was built
+# resumed or from GPT-2, the shape comes from the checkpoint, not from n_layer etc.: the config records the one built
 shape = {k: model_args[k] for k in ('n_layer', 'n_head', 'n_embd', 'vocab_size')}
 config.update(shape)
 if master:
@@ -147,7 +147,6 @@ check(len(train) >= batch_size, f"{train_file}: {len(train)} examples, fewer tha
 if master:
     print(f"data: {len(train)} train and {len(val)} val demonstrations; {grad_accum} micro-batches of "
           f"{micro_batch_size} x {world_size} processes per step")
-
 
 
 @torch.no_grad()
@@ -218,7 +217,7 @@ for step in bar:
     tokens_seen += sum(len(train[j][0]) + len(train[j][1]) for j in idx)  # real tokens, pads not counted
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
     loss_value = all_reduce_mean(loss_sum, ddp).item() * world_size
-    if not check_finite(loss_value, grad_norm, step, ckpt_path, skip_nonfinite):
+    if not check_finite(loss_value, grad_norm, f'step {step}', ckpt_path, skip_nonfinite):
         optimizer.zero_grad(set_to_none=True)
         continue
     optimizer.step()

@@ -2,7 +2,7 @@
 #   python train_sft.py config/sft_gpt2_hh.py
 #   python train_dpo.py config/dpo_gpt2_hh.py
 # The settings of the DPO paper's HH experiment: beta 0.1, learning rate 1e-6, batch 64 pairs,
-# 150 warmup steps (the paper uses RMSprop; this is AdamW).
+# 150 warmup steps, then constant, as its code (the paper uses RMSprop; this is AdamW).
 # Memory (an estimate from the parameter count and the activations, not measured: no GPU was
 # available when this was written): the policy's fp32 weights, gradients and AdamW state
 # 4 x 0.5 GB = 2 GB and the reference's weights 0.5 GB; bf16 activations of 8 pairs = 16 x 512
@@ -21,6 +21,7 @@ micro_batch_size = 8
 max_steps = 0                   # one epoch of the ~160k pairs (~2500 steps)
 learning_rate = 1e-6
 warmup_steps = 150
+min_lr_ratio = 1.0              # no decay after the warmup
 weight_decay = 0.0
 eval_interval = 250
 eval_batches = 4                # 256 pairs per eval

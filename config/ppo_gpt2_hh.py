@@ -6,7 +6,7 @@
 # Memory (an estimate, not measured: no GPU was available when this was written): four 124M
 # models in fp32 weights (2.0 GB), AdamW state and gradients for policy + value (3.0 GB), bf16
 # activations of 8 x 384 tokens with gradients through two models (~3 GB), the KV cache of a
-# 32 x 384 rollout (<1 GB): about 9 GB, so a 16 GB card is comfortable, 24 GB leaves room for
+# 64 x 384 rollout (0.9 GB in bf16): about 9 GB, so a 16 GB card is comfortable, 24 GB leaves room for
 # micro_batch_size=16.
 out_dir = 'out/ppo_hh'
 sft_ckpt = 'out/sft_hh/best.pt'

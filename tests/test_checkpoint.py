@@ -274,11 +274,11 @@ def test_lr_schedule():
 
 def test_check_finite_looks_at_the_loss_and_the_gradient_norm(tmp_path):
     path = str(tmp_path / 'ckpt.pt')
-    assert check_finite(1.0, torch.tensor(2.0), 3, path, skip=False)  # finite: take the step
-    assert not check_finite(1.0, torch.tensor(float('inf')), 3, path, skip=True)  # a finite loss, a bad gradient
-    assert not check_finite(float('nan'), torch.tensor(1.0), 3, path, skip=True)
-    with pytest.raises(NonFiniteError, match='step 3'):
-        check_finite(1.0, torch.tensor(float('nan')), 3, path, skip=False)
+    assert check_finite(1.0, torch.tensor(2.0), 'step 3', path, skip=False)  # finite: take the step
+    assert not check_finite(1.0, torch.tensor(float('inf')), 'step 3', path, skip=True)  # a finite loss, a bad gradient
+    assert not check_finite(float('nan'), torch.tensor(1.0), 'step 3', path, skip=True)
+    with pytest.raises(NonFiniteError, match='^step 3: non-finite loss 1.0 or gradient norm nan; no checkpoint was saved'):
+        check_finite(1.0, torch.tensor(float('nan')), 'step 3', path, skip=False)
 
 
 def test_failed_save_leaves_no_temporary_file(tmp_path, monkeypatch):

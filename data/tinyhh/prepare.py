@@ -22,10 +22,10 @@ from data.tinyhh import world  # noqa: E402
 seed = 1337  # every draw depends on this and on nothing else
 out_dir = 'data/tinyhh'  # where the files go
 n_sft_train = 20000  # SFT examples
-n_sft_val = 1000
+n_sft_val = 1000  # held-out SFT demonstrations (eval.py's crowd row)
 n_prefs_train = 20000  # preference pairs
-n_prefs_val = 1000
-n_prefs_test = 1000
+n_prefs_val = 1000  # validation pairs
+n_prefs_test = 1000  # test pairs
 n_rl = 5000  # RL prompts
 n_eval = 600  # held-out evaluation prompts, a third of each kind (a multiple of 15: 5 helpful topics)
 if_stale = False  # True: write nothing when out_dir's meta.json records this code and these settings, files all there (run.sh)

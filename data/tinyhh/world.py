@@ -334,6 +334,7 @@ def respond(topic, entity, style, rng, template=None):
 # then, for every kind: broken grammar subtracts 2.5 x the share of word pairs no template has,
 # word salad (over 35% of the pairs unknown) is -0.9 or less, heavy repetition caps the score
 # near -0.6, a response that never ended maps to [-0.9, -0.6], an empty one is -1.
+# helpful answers that use words of another fact table ('Snow is red.' after the answer) lose 0.4, the verdict kept.
 # the small terms: -0.002 a word everywhere; +0.04 for restating the helpful question's entity;
 # +0.01 a word up to five for a harmful refusal (a sentence beats a bare 'No.').
 
