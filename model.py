@@ -306,7 +306,9 @@ class GPT(nn.Module):
         T_max = (cache_len or cfg.block_size) if static else P + max_new_tokens  # static: the same shapes for every batch
         assert P + max_new_tokens <= T_max <= cfg.block_size, \
             f"cache_len {T_max} must be in [prompt {P} + {max_new_tokens} new tokens, block_size {cfg.block_size}]"
-        seq = torch.full((B, P + max_new_tokens), eos_id, dtype=torch.long, device=device)
+        # the left padding is token 0, hidden by the mask; not eos_id, which may lie outside the vocabulary (-1: no row
+        # ever stops, as bench.py asks) and would fail the embedding lookup in the prefill
+        seq = torch.zeros((B, P + max_new_tokens), dtype=torch.long, device=device)
         key_mask = torch.zeros((B, T_max), dtype=torch.bool, device=device)
         for i, p in enumerate(prompts):
             seq[i, P - len(p):P] = torch.tensor(p, dtype=torch.long, device=device)

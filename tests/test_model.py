@@ -216,6 +216,22 @@ def test_from_pretrained_rejects_non_gpt2_weights(hf_gpt2, tmp_path):
     with pytest.raises(ValueError, match='wpe.weight has shape'):
         GPT.from_pretrained(str(tmp_path))
 
+
+def test_from_pretrained_skips_the_causal_mask_buffers(hf_gpt2, tmp_path):
+    # OpenAI's GPT-2 files on the hub, and older transformers' saves, hold each layer's causal mask (attn.bias) and
+    # attn.masked_bias: buffers, not weights of this GPT; they must be left out, not taken for a foreign checkpoint
+    hf, dirs = hf_gpt2
+    shutil.copy(dirs['bin'] / 'config.json', tmp_path / 'config.json')
+    sd = torch.load(dirs['bin'] / 'pytorch_model.bin', weights_only=True)
+    for i in range(2):
+        sd[f'transformer.h.{i}.attn.bias'] = torch.ones(64, 64).tril().view(1, 1, 64, 64)
+        sd[f'transformer.h.{i}.attn.masked_bias'] = torch.tensor(-1e4)
+    torch.save(sd, tmp_path / 'pytorch_model.bin')
+    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    idx = torch.randint(0, V, (2, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (ours(idx)[0] - hf(idx).logits).abs().max().item() < 1e-4
+
 # -----------------------------------------------------------------------------
 # sampling with the KV cache
 
@@ -323,6 +339,19 @@ def test_static_decode_equals_dynamic(temperature):
         assert dynamic[3].sum(1).min() < dynamic[3].sum(1).max()
 
 
+def test_static_decode_keeps_one_cache_shape_for_every_batch(monkeypatch):
+    # static shapes: a cache of cache_len positions, block_size by default, whatever the batch's prompt lengths, so
+    # a compiled step (a CUDA graph) is recorded once and replayed for every batch
+    model, shapes, kv_cache = tiny_gpt(), [], GPT._kv_cache
+    monkeypatch.setattr(GPT, '_kv_cache', lambda self, shape, *a: shapes.append(shape) or kv_cache(self, shape, *a))
+    hs = TINY['n_embd'] // TINY['n_head']
+    for lengths in ([2, 7], [11, 3]):
+        model.generate(random_prompts(lengths), 4, eos_id=7, temperature=0, decode='static')
+        model.generate(random_prompts(lengths), 4, eos_id=7, temperature=0, decode='static', cache_len=20)
+        model.generate(random_prompts(lengths), 4, eos_id=7, temperature=0)  # dynamic: as long as this batch needs
+    assert shapes == [(2, TINY['n_head'], T, hs) for T in (TINY['block_size'], 20, 11, TINY['block_size'], 20, 15)]
+
+
 def test_compiled_decode_is_one_graph_and_equals_dynamic(monkeypatch):
     # decode='compiled' asks torch.compile for the whole step as ONE graph (fullgraph=True: what a
     # CUDA graph replays); a graph break would raise here. aot_eager instead of inductor's
@@ -408,6 +437,87 @@ def test_filter_logits_top_p_hand_example():
     out = filter_logits(logits, top_p=0.75)
     assert torch.equal(out[torch.isfinite(out)], logits[torch.isfinite(out)])  # kept logits unchanged
     assert torch.equal(filter_logits(logits), logits)
+
+
+def test_filter_logits_top_k_of_the_whole_vocabulary_or_more_keeps_everything():
+    logits = torch.randn(2, 5, generator=torch.Generator().manual_seed(0))
+    for k in (0, 5, 6, 50_000):  # 0: off (as sample.py's --top_k=0); k >= V: every token is in the top k
+        assert torch.equal(filter_logits(logits, top_k=k), logits), k
+    assert torch.isfinite(filter_logits(logits, top_k=4)).sum(1).tolist() == [4, 4]  # 4 of the 5 in each row
+
+
+def test_sampling_draws_by_inverting_the_cdf(monkeypatch):
+    # the draw: the first token whose cdf reaches u = (1 - r) * cdf[-1], r = torch.rand in [0, 1), set here by hand.
+    # r = 0 draws the last token of nonzero probability, never one past the end (this float32 cdf ends below 1:
+    # u = 1 - r alone would overshoot it), r = 1 - 2^-24 (rand's largest value) the first one
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(11))
+    assert torch.log_softmax(logits, -1).exp().cumsum(-1)[-1] < 1  # what generate sums, a rounding below 1
+    r = torch.tensor([0.0, 0.1, 0.5, 0.9, 1 - 2 ** -24])
+    model = tiny_gpt()
+    monkeypatch.setattr(model, '_step', lambda idx, *a: logits.expand(len(idx), V).clone())
+    monkeypatch.setattr(torch, 'rand', lambda *shape, **kw: r[:, None].clone())
+    for top_k, ends in ((None, [0, V - 1]), (10, [10, 98])):
+        probs = torch.softmax(filter_logits(logits[None], top_k)[0].double(), -1)
+        cdf = probs.cumsum(-1)
+        assert probs.nonzero()[[0, -1]].flatten().tolist() == ends  # the first and last tokens drawable
+        assert (cdf - (1 - r[1:4, None].double())).abs().min() > 1e-3  # the other r: far from a boundary
+        middle = [int((cdf >= 1 - x).nonzero()[0]) for x in r[1:4].tolist()]
+        seq, _, logprobs, _ = model.generate([[1, 2, 3]] * 5, 1, eos_id=-1, temperature=1.0, top_k=top_k)
+        assert seq[:, -1].tolist() == [ends[1]] + middle + [ends[0]], top_k
+        assert len(set(middle)) == 3 and probs[seq[:, -1]].min() > 0
+        torch.testing.assert_close(logprobs[:, 0], torch.log_softmax(logits, -1)[seq[:, -1]], atol=1e-6, rtol=0)
+
+
+def test_decode_never_reads_an_unwritten_cache_entry(monkeypatch):
+    # the dynamic decode reads only the cache entries written so far, so its torch.empty cache may hold anything;
+    # the static one reads the whole cache, the unwritten part under the mask, which weighs it 0: it must start as
+    # zeros, since 0 x NaN is NaN. Here every torch.empty is NaN
+    model = tiny_gpt()
+    _, expected = sample(model, 0.7, seed=5, max_new=8)
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kw):
+        t = real_empty(*args, **kw)
+        return t.fill_(float('nan')) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, 'empty', nan_empty)
+    assert torch.empty(2).isnan().all()
+    for decode in ('dynamic', 'static'):
+        _, got = sample(model, 0.7, seed=5, max_new=8, decode=decode)
+        for a, b in zip(expected[:2] + expected[3:], got[:2] + got[3:]):
+            assert torch.equal(a, b), decode
+        torch.testing.assert_close(got[2], expected[2], rtol=0, atol=1e-5)
+
+
+def test_a_sequence_may_fill_the_whole_block():
+    # prompt + new tokens = block_size is allowed, in generate and in a forward pass (PPO scores prompt + response)
+    model = tiny_gpt()
+    block = TINY['block_size']
+    prompts = random_prompts([block - 4, 3], seed=7)
+    expected = [naive_greedy(model, p, 4, eos_id=-1) for p in prompts]
+    eos_id = min(set(range(V)) - {t for toks, _ in expected for t in toks})  # a token neither row samples
+    seq, seq_mask, logprobs, _ = model.generate(prompts, 4, eos_id=eos_id, temperature=0)
+    assert seq.shape == (2, block) and seq_mask.sum().item() == block + 3 + 4
+    for i, (toks, lps) in enumerate(expected):
+        assert seq[i, -4:].tolist() == toks
+        torch.testing.assert_close(logprobs[i], torch.tensor(lps), atol=1e-4, rtol=0)
+    with pytest.raises(AssertionError, match='block_size'):
+        model.generate(prompts, 5, eos_id=eos_id, temperature=0)
+    with torch.no_grad():  # causality: the first 10 positions of a whole block are those of the first 10 tokens
+        assert torch.allclose(model(seq[:1])[0][0, :10], model(seq[:1, :10])[0][0], atol=1e-5)
+    with pytest.raises(AssertionError, match='block_size'):
+        model(torch.zeros(1, block + 1, dtype=torch.long))
+
+
+def test_generate_with_an_eos_id_that_is_never_sampled():
+    # eos_id -1 (or any id outside the vocabulary) never ends a row: bench.py's fixed-length responses. With prompts
+    # of different lengths, the left padding must not be that id (an embedding lookup of -1 fails)
+    model = tiny_gpt()
+    prompts = random_prompts([3, 9, 1], seed=8)
+    for eos_id in (-1, V):
+        seq, seq_mask, logprobs, response_mask = model.generate(prompts, 5, eos_id=eos_id, temperature=0)
+        assert response_mask.tolist() == [[1] * 5] * 3
+        for i, p in enumerate(prompts):
+            assert seq[i, 9 - len(p):9].tolist() == p and seq[i, 9:].tolist() == naive_greedy(model, p, 5, eos_id)[0]
 
 # -----------------------------------------------------------------------------
 # padded batches

@@ -261,6 +261,89 @@ def test_eval_spreads_prompts_names_rows_and_judges_the_crowd(tmp_path):
     assert out['results'][f'sft:{again}']['ties'] == 1.0 and out['results'][f'sft:{again}']['kl'] == 0.0
 
 
+def test_eval_sequence_logprobs_and_reward_scores_by_hand():
+    # the KL's log-probs: sum_t log softmax(logits / temperature)[y_t] of each response in its own context, and the
+    # reward at each answer's last token, from padded batches, against one unpadded forward per row
+    from loaders import collate
+    from scripts import function_defs
+    sequence_logprobs, reward_model_scores = function_defs('eval.py', 'sequence_logprobs', 'reward_model_scores',
+                                                           collate=collate, device='cpu', temperature=0.7)
+    torch.manual_seed(0)
+    lm, rm = GPT(GPTConfig(**ARGS)).eval(), GPT(GPTConfig(**ARGS, scalar_head=True)).eval()
+    torch.nn.init.normal_(rm.scalar_head.weight, std=0.5)
+    g, eot = torch.Generator().manual_seed(1), ARGS['vocab_size'] - 1
+    prompts = [torch.randint(0, eot, (n,), generator=g).tolist() for n in (5, 2, 9)]
+    responses = [torch.randint(0, eot, (n,), generator=g).tolist() + [eot] for n in (3, 7, 0)]  # eot ends each
+    with torch.no_grad():
+        got, rewards = sequence_logprobs(lm, prompts, responses), reward_model_scores(rm, prompts, responses)
+        want = [sum(torch.log_softmax(lm(torch.tensor([p + r[:t]]))[0][0, -1] / 0.7, -1)[r[t]].item() for t in range(len(r)))
+                for p, r in zip(prompts, responses)]
+        want_rewards = [rm(torch.tensor([p + r]))[0][0, -1].item() for p, r in zip(prompts, responses)]
+    assert got.tolist() == pytest.approx(want, abs=1e-4) and min(want) < -5
+    assert rewards == pytest.approx(want_rewards, abs=1e-5) and max(want_rewards) - min(want_rewards) > 0.1
+
+
+def test_eval_samples_a_baseline_outside_ckpts_and_counts_every_reward_difference(tmp_path):
+    # the baseline is not among ckpts: its answers are sampled with the same seed, the win rates are against them.
+    # max_new_tokens=1: the dpo model's <|endoftext|> is the last token allowed, and still ends its answer.
+    # rm_win counts every reward difference, however small (tie_margin is the gold judge's: grades of answers)
+    from common import encode_prompt, get_tokenizer
+    from scripts import run_python
+    sft, dpo = eot_lm(tmp_path / 'sft.pt', 'sft', -1), eot_lm(tmp_path / 'dpo.pt', 'dpo', +1)
+    rm = GPT(GPTConfig(**ARGS, scalar_head=True))
+    torch.nn.init.normal_(rm.scalar_head.weight, std=0.02)  # reward differences below tie_margin
+    save_checkpoint(tmp_path / 'rm.pt', rm, None, dict(ARGS, scalar_head=True), {}, 'rm', 0, reward_offset=0.0)
+    scores = dict(zip(QUESTIONS, [(0.25, 0.75), (0.875, 0.375), (0.5, 0.625), (0.5, 0.75)]))  # as in the test above
+    p = run_python(['-c', EVAL_HAND_SCORED.format(scores=scores), f'--prompt_file={prompt_file(tmp_path)}', '--crowd_file=',
+                    '--max_new_tokens=1', '--device=cpu', f'--ckpts={dpo}', f'--baseline={sft}', '--tie_margin=0.25',
+                    f'--rm_ckpt={tmp_path / "rm.pt"}', f'--out_json={tmp_path / "eval.json"}'], timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads((tmp_path / 'eval.json').read_text())
+    assert list(out['results']) == ['dpo']
+    row = out['results']['dpo']
+    assert (row['length'], row['ended']) == (1.0, 1.0)
+    assert row['win'] == pytest.approx(2 / 3) and row['ties'] == 1 / 4 and row['win_strict'] == 3 / 4
+    # the baseline's answers, sampled here as eval.py does (seed 1234, temperature 0.7), and their rewards
+    enc, eot = get_tokenizer(ARGS['vocab_size']), ARGS['vocab_size'] - 1
+    base = GPT(GPTConfig(**ARGS)).eval()
+    base.load_state_dict(torch.load(sft, weights_only=True)['model'])
+    prompts = [encode_prompt(enc, q) for q in QUESTIONS]
+    seq, *_ = base.generate(prompts, 1, eot, 0.7, generator=torch.Generator().manual_seed(1234))
+    rm.eval()
+    with torch.no_grad():
+        base_rm = [rm(torch.tensor([p + [t]]))[0][0, -1].item() for p, t in zip(prompts, seq[:, -1].tolist())]
+    diffs = [a - b for a, b in zip(out['scores']['dpo']['rm'], base_rm)]
+    assert all(1e-4 < abs(d) < 0.25 for d in diffs), diffs
+    assert 0 < row['rm_win'] < 1 and row['rm_win'] == sum(d > 0 for d in diffs) / 4
+
+
+EVAL_JITTERY_JUDGE = """
+import itertools, runpy
+import data.tinyhh.world as world
+real, calls = world.analyze, itertools.count(1)
+world.analyze = lambda q, t, e=True: dict(real(q, t, e), score=real(q, t, e)['score'] + 1e-9 * next(calls))
+runpy.run_path('eval.py', run_name='__main__')
+"""
+
+
+def test_eval_the_baselines_own_answer_ties_whatever_its_score(tmp_path):
+    # a GPU may score the same answer a rounding apart in batches of other lengths: the same tokens as the baseline's
+    # answer are a tie, also at margin 0 (win_strict, rm_win). Here the judge adds 1e-9 more at each call
+    from scripts import run_python
+    sft = tiny_lm(tmp_path / 'sft.pt')
+    (tmp_path / 'again').mkdir()
+    again = tiny_lm(tmp_path / 'again' / 'sft.pt')  # the same weights: the same answers
+    p = run_python(['-c', EVAL_JITTERY_JUDGE, f'--prompt_file={prompt_file(tmp_path)}', '--crowd_file=', '--max_new_tokens=4',
+                    '--device=cpu', f'--ckpts={sft},{again}', f'--baseline={sft}', '--rm_ckpt=',
+                    f'--out_json={tmp_path / "eval.json"}'], timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads((tmp_path / 'eval.json').read_text())
+    gold = out['scores'][f'sft:{again}']['gold']
+    assert all(a > b for a, b in zip(gold, out['scores']['sft']['gold']))  # the same answers, scored apart
+    row = out['results'][f'sft:{again}']
+    assert row['ties'] == 1.0 and 'win' not in row and 'win_strict' not in row
+
+
 def test_eval_needs_a_positive_temperature(tmp_path):
     p = run_script('eval.py', *EVAL_ARGS, '--temperature=0', f'--out_json={tmp_path / "e.json"}', check=False, timeout=60)
     assert p.returncode == 2 and 'temperature must be > 0: the KL is measured on samples' in p.stderr, p.stderr[-1000:]
