@@ -23,7 +23,7 @@ import torch
 from common import save_checkpoint
 from model import GPT, GPTConfig
 from scripts import ROOT, assert_same_log, finish, read_log, start_python
-from test_ppo import make_tiny_world
+from test_ppo import make_tiny_world, write_demonstrations
 
 ENV = {'OMP_NUM_THREADS': '1'}  # one thread per process: the models are tiny and the CPU is shared
 TINY = dict(block_size=64, vocab_size=512, n_layer=1, n_head=2, n_embd=32, dropout=0.0, bias=True)
@@ -62,8 +62,10 @@ def rm_args(tmp_path):
 
 
 def ppo_args(tmp_path):
-    # a decaying learning rate: a resumed run must pick up the schedule where the checkpoint left it
-    return make_tiny_world(tmp_path) + ['--max_iters=4', '--ckpt_interval=2', '--learning_rate=1e-3', '--decay_lr=True']
+    # a decaying learning rate and PPO-ptx: a resumed run must pick up the schedule and the demonstrations' order
+    # where the checkpoint left them
+    return make_tiny_world(tmp_path) + ['--max_iters=4', '--ckpt_interval=2', '--learning_rate=1e-3', '--decay_lr=True',
+                                        '--ptx_coef=0.5', f'--ptx_file={write_demonstrations(tmp_path / "demos.jsonl")}']
 
 
 def run_all(cases, tmp_path):
