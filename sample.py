@@ -10,7 +10,8 @@ the models were trained with (common.encode_prompt / decode_response).
     python sample.py --ckpt=out/dpo_hh/best.pt --chat=True --judge=False   # a conversation: each question follows the earlier turns
 
 Each answer says whether it ended with <|endoftext|> or ran out of tokens, and (unless --judge=False),
-with the built-in world importable, the gold judge's score in [-1, 1] (meaningful for tinyhh questions only).
+with the built-in world importable, the gold judge's score in [-1, 1] (meaningful for tinyhh questions only;
+with --chat, for a conversation's first question only: the judge reads one question, not the earlier turns).
 With --rm_ckpt, a learned reward model's score too (on real data, the only judge there is):
 
     python sample.py --ckpt=out/ppo_hh/ckpt.pt --rm_ckpt=out/rm_hh/best.pt --judge=False --num_samples=4
@@ -101,7 +102,7 @@ def answer(question, history=''):
         texts.append(text)
         note = 'ended with <|endoftext|>' if ended else f'ran out of tokens ({n_new} at most)'
         note += f", {len(response)} token{'s' if len(response) > 1 else ''}"
-        if gold is not None:
+        if gold is not None and not history:  # the gold judge reads one question: a follow-up's score would mislead
             note += f", gold {gold(question, text, ended):+.2f}"
         if reward_model is not None:  # its score at the answer's last token
             with torch.no_grad(), ctx:

@@ -178,7 +178,7 @@ ppo_epochs = 2                                # passes over each rollout batch
 mini_batch_size = 32                          # sequences per optimizer step, summed over all processes
 micro_batch_size = 32                         # sequences per forward pass per process
 learning_rate = 1e-4                          # AdamW learning rate, policy and value model
-decay_lr = False                              # decay it linearly to 0 over the run's optimizer steps (TRL's default)
+decay_lr = False                              # decay it linearly to 0 over the run's optimizer steps (TRL: over its iterations)
 weight_decay = 0.0                            # AdamW weight decay
 grad_clip = 1.0                               # clip the gradient norm at this value (0: off)
 skip_nonfinite = False                        # on a NaN/inf loss or gradient: skip the step (True) or stop (False)
@@ -200,8 +200,8 @@ config = configure(globals())
 check(kl_coef >= 0, f"kl_coef must be >= 0, got {kl_coef}")
 check(temperature > 0, f"temperature must be > 0 (sampling is pure sampling at that temperature), got {temperature}")
 check(0 <= gamma <= 1 and 0 <= lam <= 1, "gamma and lam must be in [0, 1]")
-check(cliprange > 0 and cliprange_value > 0 and vf_coef >= 0 and ptx_coef >= 0,
-      "need cliprange, cliprange_value > 0 and vf_coef, ptx_coef >= 0")
+check(cliprange > 0 and cliprange_value > 0 and vf_coef >= 0, "need cliprange, cliprange_value > 0 and vf_coef >= 0")
+check(ptx_coef >= 0, f"ptx_coef must be >= 0 (0: no PPO-ptx), got {ptx_coef}")
 check(target_kl > 0 and kl_horizon > 0, "target_kl and kl_horizon must be > 0")
 check(init_from in ('sft', 'resume'), f"init_from must be 'sft' or 'resume', got {init_from!r}")
 check(decode in ('dynamic', 'static', 'compiled'), f"decode must be 'dynamic', 'static' or 'compiled', got {decode!r}")
@@ -233,6 +233,7 @@ for path, ckpt in ((sft_ckpt, sft), (rm_ckpt, rm)):  # the reward and value mode
     check(max_prompt_len + max_new_tokens <= ckpt['model_args']['block_size'],
           f"max_prompt_len {max_prompt_len} + max_new_tokens {max_new_tokens} > {path}'s block_size {ckpt['model_args']['block_size']}")
 policy, model_args = model_from_checkpoint(sft)
+sft_block_size = sft.get('config', {}).get('block_size', model_args['block_size'])  # what train_sft.py truncated its data to
 ref_model, _ = model_from_checkpoint(sft)
 reward_model, _ = model_from_checkpoint(rm)
 value_model, value_args = model_from_checkpoint(rm)
@@ -271,8 +272,8 @@ if gold_judge == 'tinyhh':
 records = read_jsonl(prompt_file, 'rl')
 prompts = tokenize_prompts(records, enc, max_prompt_len, prompt_file)
 check(len(prompts) >= batch_size, f"{prompt_file}: {len(prompts)} prompts, fewer than one batch of {batch_size}")
-if ptx_coef > 0:  # PPO-ptx: demonstrations, each step's batch by the step, like SFT's (loss on the response tokens)
-    ptx_data = tokenize_sft(read_jsonl(ptx_file, 'sft'), enc, model_args['block_size'], ptx_file)
+if ptx_coef > 0:  # PPO-ptx: demonstrations, each step's batch by the step, truncated as train_sft.py truncated them
+    ptx_data = tokenize_sft(read_jsonl(ptx_file, 'sft'), enc, sft_block_size, ptx_file)
     check(len(ptx_data) >= mini_batch_size, f"{ptx_file}: {len(ptx_data)} examples, fewer than one minibatch of {mini_batch_size}")
 if master:
     print(f"ppo: {len(prompts)} prompts, {batch_size} per iteration, {ppo_epochs} epochs of "
@@ -307,6 +308,21 @@ def values_of(model, seq, seq_mask, P):
 
 def gold_text(row):
     return f"gold {row['gold']:.3f}" if 'gold' in row else 'no gold judge'
+
+
+steps_per_iter = ppo_epochs * (batch_size // mini_batch_size)  # optimizer steps per iteration
+
+
+def lr_at(step):
+    """The learning rate of the run's optimizer step `step` (from 0): constant, or decayed linearly to 0 (decay_lr)."""
+    return learning_rate * (1 - step / (max_iters * steps_per_iter)) if decay_lr else learning_rate
+
+
+def demonstrations(step):
+    """PPO-ptx: this process's share of optimizer step `step`'s demonstrations, a function of the step (a resumed run
+    goes on with the same ones; seed + 1: another order than the prompts'), and their response tokens on all processes."""
+    batch = [ptx_data[i] for i in batch_indices(len(ptx_data), mini_batch_size, step, seed + 1, rank, world_size)]
+    return batch, all_reduce_mean(torch.tensor(float(sum(len(r) for _, r in batch)), device=device), ddp) * world_size
 
 
 # -----------------------------------------------------------------------------
@@ -351,9 +367,6 @@ for it in bar:
     mb_sums, ratio_dev, grad_norms = [], None, []  # mb_sums: each minibatch's statistics summed over its tokens, and its token count
     ptx_sums = []  # PPO-ptx: each minibatch's summed NLL on this process, and the minibatch's demonstration tokens
     mb_rows, micro_rows = mini_batch_size // world_size, micro_batch_size
-    steps_per_iter = ppo_epochs * (batch_size // mini_batch_size)
-    lrs = [learning_rate * (1 - (it * steps_per_iter + j) / (max_iters * steps_per_iter)) if decay_lr else learning_rate
-           for j in range(steps_per_iter)]  # the learning rate of each of this iteration's optimizer steps
     for epoch in range(ppo_epochs):
         order = torch.randperm(len(batch))
         for start in range(0, len(batch), mb_rows):
@@ -361,17 +374,17 @@ for it in bar:
             # each token weighs the same in the minibatch's loss, whatever micro-batch or process it sits in
             mb_tokens = all_reduce_mean(response_mask[mb].sum(), ddp) * world_size
             mb_loss = 0.0  # the minibatch's loss: the sum of the micro-batches' shares
-            j = len(mb_sums)  # this minibatch's optimizer step in the iteration
+            step = it * steps_per_iter + len(mb_sums)  # the run's optimizer step: it sets the learning rate and the demonstrations
             mb_sums.append(torch.zeros(len(stat_keys) + 1, device=device))
-            if ptx_coef > 0:  # this optimizer step's demonstrations (a function of the step: resumable), in the same micro-batches
-                step = it * steps_per_iter + j
-                ptx_batch = [ptx_data[i] for i in batch_indices(len(ptx_data), mini_batch_size, step, seed, rank, world_size)]
-                ptx_tokens = all_reduce_mean(torch.tensor(float(sum(len(r) for _, r in ptx_batch)), device=device), ddp) * world_size
+            if ptx_coef > 0:  # PPO-ptx: this step's demonstrations, in the same micro-batches as the rollouts
+                ptx_batch, ptx_tokens = demonstrations(step)
                 ptx_sums.append(torch.stack([torch.zeros((), device=device), ptx_tokens]))
             for k in range(0, len(mb), micro_rows):
                 rows = mb[k:k + micro_rows]
-                if ddp:  # sync gradients only on the last micro-batch
-                    train_policy.require_backward_grad_sync = train_value.require_backward_grad_sync = k + micro_rows >= len(mb)
+                last = k + micro_rows >= len(mb)  # DDP averages the gradients over processes in the minibatch's last backward
+                if ddp:  # (with PPO-ptx the policy's last backward is the demonstrations' one, below)
+                    train_value.require_backward_grad_sync = last
+                    train_policy.require_backward_grad_sync = last and ptx_coef == 0
                 mask = response_mask[rows]
                 with ctx:
                     new_logprobs, entropy = logprobs_of(train_policy, seq[rows], seq_mask[rows], targets[rows], P, True)
@@ -381,26 +394,31 @@ for it in bar:
                 # the micro-batch's token means, weighted to a share of the minibatch's token mean;
                 # DDP averages gradients over processes, hence * world_size
                 loss = (pg_loss + vf_coef * vf_loss) * mask.sum() / mb_tokens * world_size
-                if ptx_coef > 0:  # a second policy pass, on demonstrations; its token mean weighted like the PPO loss's
-                    ptx_seq, ptx_targets, _ = collate(ptx_batch[k:k + micro_rows], enc.eot_token, device, pin_memory=False)
-                    with ctx:
-                        ptx_logprobs, _ = train_policy(ptx_seq[:, :-1], ptx_targets)
-                    ptx_mask = (ptx_targets >= 0).float()
-                    nll = ptx_loss(ptx_logprobs.float(), ptx_mask)
-                    loss = loss + ptx_coef * nll * ptx_mask.sum() / ptx_tokens * world_size
-                    ptx_sums[-1][0] += nll.detach() * ptx_mask.sum()
                 loss.backward()
                 mb_loss += loss.detach()
                 if ratio_dev is None:  # the first micro-batch: no step taken yet, so pi == pi_old up to rounding
                     ratio_dev = ((ratio - 1).abs() * mask).max().item()
                 stats = (pg_loss, vf_loss, pg_clipfrac, vf_clipfrac, approxkl, masked_mean(ratio, mask), masked_mean(entropy, mask))
                 mb_sums[-1] += torch.stack([v.detach().float() for v in stats] + [torch.ones((), device=device)]) * mask.sum()
+                if ptx_coef > 0:  # a second policy pass, on demonstrations, after the first one's backward (its memory freed)
+                    if ddp:
+                        train_policy.require_backward_grad_sync = last
+                    ptx_seq, ptx_targets, _ = collate(ptx_batch[k:k + micro_rows], enc.eot_token, device, pin_memory=False)
+                    with ctx:
+                        ptx_logprobs, _ = train_policy(ptx_seq[:, :-1], ptx_targets)
+                    ptx_mask = (ptx_targets >= 0).float()
+                    nll = ptx_loss(ptx_logprobs.float(), ptx_mask)
+                    loss = ptx_coef * nll * ptx_mask.sum() / ptx_tokens * world_size  # its token mean weighted like the PPO loss's
+                    loss.backward()
+                    mb_loss += loss.detach()
+                    ptx_sums[-1][0] += nll.detach() * ptx_mask.sum()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
             # the minibatch's loss (the mean over processes of their shares, as grad_norm is): every rank decides alike
             mean_loss = all_reduce_mean(mb_loss, ddp).item()
-            if check_finite(mean_loss, grad_norm, f'iteration {it}, minibatch {j}', os.path.join(out_dir, 'ckpt.pt'), skip_nonfinite):
+            if check_finite(mean_loss, grad_norm, f'iteration {it}, optimizer step {step}', os.path.join(out_dir, 'ckpt.pt'),
+                            skip_nonfinite):
                 for group in optimizer.param_groups:
-                    group['lr'] = lrs[j]
+                    group['lr'] = lr_at(step)
                 optimizer.step()
                 grad_norms.append(grad_norm)  # logged: their mean over the steps taken (before clipping)
             optimizer.zero_grad(set_to_none=True)
@@ -426,7 +444,7 @@ for it in bar:
     if adaptive_kl_ctl:
         kl_coef = adaptive_kl(kl_coef, row['kl'], target_kl, kl_horizon, batch_size)
     if master:
-        row.update(iter=it, kl_coef=kl_coef, lr=lrs[0], **{'check/ratio_dev': ratio_dev})
+        row.update(iter=it, kl_coef=kl_coef, lr=lr_at(it * steps_per_iter), **{'check/ratio_dev': ratio_dev})
         log.write(json.dumps(row) + '\n')
         log.flush()
         bar.set_postfix_str(f"score {row['score']:.3f}, kl {row['kl']:.2f}, {gold_text(row)}")

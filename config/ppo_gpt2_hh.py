@@ -7,11 +7,13 @@
 # models in fp32 weights (2.0 GB), AdamW state and gradients for policy + value (3.0 GB), bf16
 # activations of 8 x 384 tokens with gradients through two models (~3 GB), the KV cache of a
 # 64 x 384 rollout (0.9 GB in bf16): about 9 GB, so a 16 GB card is comfortable, 24 GB leaves room for
-# micro_batch_size=16.
+# micro_batch_size=16. PPO-ptx (--ptx_coef > 0) adds a policy pass over 8 demonstrations of up to 512 tokens
+# (the SFT run's block_size) after the PPO pass's backward, so its activations (~2 GB, an estimate) do not add to those.
 out_dir = 'out/ppo_hh'
 sft_ckpt = 'out/sft_hh/best.pt'
 rm_ckpt = 'out/rm_hh/best.pt'
 prompt_file = 'data/hh_rlhf/rl_prompts.jsonl'
+ptx_file = 'data/hh_rlhf/sft_train.jsonl'  # PPO-ptx's demonstrations (with --ptx_coef > 0): the SFT stage's
 gold_judge = ''                 # no gold judge for real data
 batch_size = 64
 max_prompt_len = 256

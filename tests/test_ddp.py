@@ -154,9 +154,11 @@ def test_ppo_update_statistics_and_step_of_two_processes_match_one(tmp_path):
     """The policy of the test above (its rollouts are known whatever each rank's sampling RNG) and one minibatch
     of the whole global batch: 1 process and 2 take the same optimizer step and log the same update statistics,
     each the minibatch's mean over all its tokens on both ranks (the value loss differs between the ranks' halves);
-    with PPO-ptx, whose demonstrations the ranks split too, weighted by their tokens on both ranks."""
+    with PPO-ptx, whose demonstrations the ranks split too, weighted by their tokens on both ranks. Two epochs: two
+    optimizer steps on the same minibatch (the whole batch, in any order), the second after DDP's first synced
+    backward (it rebuilds its buckets then), each with its own demonstrations."""
     demos = write_demonstrations(tmp_path / 'demos.jsonl')
-    args = make_tiny_world(tmp_path) + ['--max_iters=1', '--ppo_epochs=1', '--mini_batch_size=8', '--learning_rate=1e-3',
+    args = make_tiny_world(tmp_path) + ['--max_iters=1', '--ppo_epochs=2', '--mini_batch_size=8', '--learning_rate=1e-3',
                                         '--ptx_coef=0.5', f'--ptx_file={demos}']
     token = 100
     ckpt = torch.load(tmp_path / 'sft.pt', weights_only=True)

@@ -3,8 +3,9 @@ The GPT-2 + HH-RLHF path, end to end on a CPU: config/*_gpt2_hh.py as a user run
 (SFT from a GPT-2 directory, the reward model, PPO, DPO), on data/hh_rlhf/prepare.py's output for
 the hand-written HH fixture, with a tiny random GPT-2 of the real vocabulary (50257) saved the way
 Hugging Face saves one (init_from=<that directory> in place of 'gpt2', which downloads). Only sizes
-and paths are overridden (steps, batches, data files, out_dir), so every other key of every preset
-is checked against its script, and the checkpoints carry the presets' values.
+and paths are overridden (steps, batches, data files, out_dir; and PPO runs with PPO-ptx on, to take
+that path too), so every other key of every preset is checked against its script, and the checkpoints
+carry the presets' values.
 """
 import json
 import math
@@ -73,7 +74,10 @@ def test_gpt2_hh_presets_run_in_order(hh):
 
     run_script('train_ppo.py', 'config/ppo_gpt2_hh.py', f'--out_dir={tmp}/ppo', f'--sft_ckpt={tmp}/sft/best.pt',
                f'--rm_ckpt={tmp}/rm/best.pt', f'--prompt_file={data}/rl_prompts.jsonl', '--batch_size=2',
-               '--mini_batch_size=2', '--micro_batch_size=1', '--max_iters=1', '--max_new_tokens=4', *CPU)
+               '--mini_batch_size=2', '--micro_batch_size=1', '--max_iters=1', '--max_new_tokens=4', *CPU,
+               '--ptx_coef=0.1', f'--ptx_file={data}/sft_train.jsonl')
+    # PPO-ptx's demonstrations are the SFT stage's, not the built-in world's (the script's default)
+    assert preset_values('ppo_gpt2_hh.py')['ptx_file'] == preset_values('sft_gpt2_hh.py')['train_file']
     ppo = check_run(tmp / 'ppo' / 'ckpt.pt', tmp / 'ppo' / 'log.jsonl', 'ppo_gpt2_hh.py',
                     ['gold_judge', 'max_prompt_len', 'kl_coef', 'learning_rate', 'ppo_epochs'])
     assert ppo['config']['gold_judge'] == ''  # no gold judge on real data

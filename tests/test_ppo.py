@@ -304,10 +304,21 @@ def test_ppo_missing_checkpoint_says_which_stage(tmp_path):
 
 @pytest.mark.parametrize('bad, message', [('--kl_coef=-0.1', 'kl_coef must be >= 0'),
                                           ('--temperature=0.0', 'temperature must be > 0'),
-                                          ('--mini_batch_size=3', 'divisible')])
+                                          ('--mini_batch_size=3', 'divisible'),
+                                          ('--ptx_coef=-0.5', 'ptx_coef must be >= 0 (0: no PPO-ptx), got -0.5')])
 def test_ppo_bad_config(tmp_path, bad, message):
     p = run_script('train_ppo.py', *make_tiny_world(tmp_path), bad, f'--out_dir={tmp_path / "ppo"}', check=False)
     assert p.returncode != 0 and message in p.stderr
+
+
+def test_ppo_bad_ptx_file_stops_with_one_line(tmp_path):
+    args = make_tiny_world(tmp_path) + ['--ptx_coef=0.1', f'--out_dir={tmp_path / "ppo"}']  # minibatches of 4
+    few = write_demonstrations(tmp_path / 'few.jsonl', n=3)
+    for ptx_file, message in ((tmp_path / 'nope.jsonl', 'nope.jsonl: cannot read the file: No such file or directory'),
+                              (tmp_path / 'prompts.jsonl', "prompts.jsonl:1: missing key 'response' (a sft record needs"),
+                              (few, 'few.jsonl: 3 examples, fewer than one minibatch of 4')):
+        p = run_script('train_ppo.py', *args, f'--ptx_file={ptx_file}', check=False)
+        assert p.returncode != 0 and message in p.stderr and 'Traceback' not in p.stderr, p.stderr[-1000:]
 
 
 def test_adaptive_kl_clips_the_error_below_too():
@@ -408,7 +419,7 @@ def test_ppo_ptx_gradient_is_ptx_coef_times_the_sft_loss_gradient(tmp_path, micr
     data = tokenize_sft(read_jsonl(demos, 'sft'), enc, 64)
     nlls, norms = [], []
     for step in range(4):
-        seq, targets, _ = collate([data[i] for i in batch_indices(len(data), 8, step, 1337)], enc.eot_token)
+        seq, targets, _ = collate([data[i] for i in batch_indices(len(data), 8, step, 1337 + 1)], enc.eot_token)  # seed + 1
         logprobs, _ = policy(seq[:, :-1], targets)
         nll = -logprobs.sum() / (targets >= 0).sum()
         policy.zero_grad()
@@ -419,6 +430,32 @@ def test_ppo_ptx_gradient_is_ptx_coef_times_the_sft_loss_gradient(tmp_path, micr
     for i, row in enumerate(log):
         assert row['ptx_loss'] == pytest.approx((nlls[2 * i] + nlls[2 * i + 1]) / 2, rel=1e-5)
         assert row['grad_norm'] == pytest.approx((norms[2 * i] + norms[2 * i + 1]) / 2, rel=1e-4)
+
+
+def test_ppo_ptx_truncates_demonstrations_as_sft_did(tmp_path):
+    # the SFT run trained on block_size 32 of its 64-token context: PPO-ptx cuts its demonstrations there too (the
+    # loss train_sft.py logged, and no longer sequences than SFT's), not at the model's context. One step, before
+    # which the policy is the SFT model: ptx_loss is the SFT model's NLL of that step's batch, cut at 32 tokens
+    from loaders import batch_indices, collate, read_jsonl, tokenize_sft
+    from common import get_tokenizer
+    args = make_tiny_world(tmp_path)
+    ckpt = torch.load(tmp_path / 'sft.pt', weights_only=True)
+    policy = GPT(GPTConfig(**ckpt['model_args']))
+    policy.load_state_dict(ckpt['model'])
+    save_checkpoint(tmp_path / 'sft.pt', policy, None, ckpt['model_args'], {'block_size': 32}, 'sft', 0)
+    demos = write_demonstrations(tmp_path / 'demos.jsonl')
+    run_script('train_ppo.py', *args, '--max_iters=1', '--ppo_epochs=1', '--mini_batch_size=8', '--ptx_coef=1.0',
+               f'--ptx_file={demos}', f'--out_dir={tmp_path / "ppo"}')
+    (row,) = read_log(tmp_path / 'ppo' / 'log.jsonl')
+    records, enc = read_jsonl(demos, 'sft'), get_tokenizer(512)
+    nll = {}
+    for block in (32, 64):
+        data = tokenize_sft(records, enc, block)
+        seq, targets, _ = collate([data[i] for i in batch_indices(len(data), 8, 0, 1337 + 1)], enc.eot_token)
+        with torch.no_grad():
+            nll[block] = (-policy(seq[:, :-1], targets)[0].sum() / (targets >= 0).sum()).item()
+    assert max(len(p) + len(r) for p, r in tokenize_sft(records, enc, 64)) > 32  # the cut matters
+    assert row['ptx_loss'] == pytest.approx(nll[32], rel=1e-5) and abs(nll[32] - nll[64]) > 1e-3  # 100x the tolerance
 
 
 def test_ppo_decay_lr_is_linear_to_zero_over_the_optimizer_steps(tmp_path):

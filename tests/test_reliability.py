@@ -488,7 +488,7 @@ def test_one_nonfinite_gradient_skips_one_step(tmp_path, script, make_args):
     proc = start_python(['-c', NAN_ONCE, '2', str(ROOT / script), *args], tmp_path / 'run.out', tmp_path / 'run.err', ENV)
     p = finish(proc, tmp_path / 'run.out', tmp_path / 'run.err', timeout=240)
     assert p.returncode == 0, p.stderr[-2000:]
-    first = 'iteration 0, minibatch 1' if script == 'train_ppo.py' else 'step 1'  # PPO: the iteration and its minibatch
+    first = 'iteration 0, optimizer step 1' if script == 'train_ppo.py' else 'step 1'  # PPO: the iteration too
     assert p.stdout.count('step skipped') == 1 and f'{first}: non-finite loss' in p.stdout, p.stdout[-2000:]
     ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
     assert ckpt['step'] == (4 if script == 'train_ppo.py' else 8) and finite(ckpt['model'])

@@ -406,6 +406,19 @@ def test_sample_chat_keeps_the_conversation_until_reset(tmp_path):
     assert replies[1] != replies[2]  # the earlier turn changed the answer
 
 
+def test_sample_chat_gold_scores_the_first_question_only(tmp_path):
+    # the gold judge reads one question alone: a follow-up ('And then?') asked after earlier turns gets no gold
+    # score, the first question of each conversation does (also after 'reset')
+    ckpt = tiny_lm(tmp_path / 'sft.pt')
+    p = subprocess.run([sys.executable, str(ROOT / 'sample.py'), f'--ckpt={ckpt}', '--max_new_tokens=4', '--temperature=0',
+                        '--chat=True', '--device=cpu', '--dtype=float32'],
+                       input='What is the capital of France?\nAnd then?\nreset\nWhat is 3 plus 4?\n', cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    notes = [line for line in p.stdout.splitlines() if line.startswith('  (')]
+    assert len(notes) == 3 and ['gold ' in n for n in notes] == [True, False, True], notes
+
+
 def check_png(path):
     data = path.read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) > 5000
