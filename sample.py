@@ -79,13 +79,15 @@ if judge:
 print(f"{ckpt}: stage {stage!r}, step {step}, {model.get_num_params() / 1e6:.2f}M parameters, on {device}")
 
 
+# prompt and response must fit the context: the response gets room for at least min(max_new_tokens, block_size / 2)
+# tokens (a longer prompt keeps its end), and at most max_new_tokens
+keep = block_size - min(max_new_tokens, block_size // 2)
+
+
 def answer(question, history=''):
     """Sample num_samples responses to one question, asked after history (earlier turns in HH-RLHF's format), and
     print them, each with how it ended; returns the first one's text."""
     tokens = encode_prompt(enc, history + render_prompt(question))
-    # prompt and response must fit the context: the response gets room for at least min(max_new_tokens,
-    # block_size / 2) tokens (a longer prompt keeps its end), and at most max_new_tokens
-    keep = block_size - min(max_new_tokens, block_size // 2)
     if len(tokens) > keep:
         print(f"(prompt cut to its last {keep} of {len(tokens)} tokens)")
         tokens = tokens[-keep:]
@@ -112,19 +114,25 @@ def answer(question, history=''):
     return texts[0]
 
 
-history = ''  # with chat: the conversation so far
+turns = []  # with chat: the conversation so far, a (question, answer) turn each
 
 
 def ask(question):
     """Answer a question; with chat, after the earlier turns, and the first answer becomes the next turn."""
-    global history
     if chat and question.lower() == 'reset':
-        history = ''
+        turns.clear()
         print('(a new conversation)')
         return
-    reply = answer(question, history)
+    # a conversation longer than the context drops its oldest turns, so that the prompt starts at a Human turn
+    dropped = 0
+    while turns and len(encode_prompt(enc, ''.join(turns) + render_prompt(question))) > keep:
+        turns.pop(0)
+        dropped += 1
+    if dropped:
+        print(f"(the oldest {dropped} turn{'s' if dropped > 1 else ''} dropped: the conversation outgrew the context)")
+    reply = answer(question, ''.join(turns))
     if chat:
-        history += render_prompt(question) + render_response(reply)
+        turns.append(render_prompt(question) + render_response(reply))
 
 
 if prompt:

@@ -406,6 +406,34 @@ def test_sample_chat_keeps_the_conversation_until_reset(tmp_path):
     assert replies[1] != replies[2]  # the earlier turn changed the answer
 
 
+def test_sample_chat_drops_the_oldest_turns_to_fit_the_context(tmp_path):
+    # block_size 64, 6 new tokens: a prompt of at most 58. A longer conversation drops whole turns, oldest first,
+    # so that the prompt still starts at a Human turn (never cut mid-turn); by hand, greedy answers after the turns kept
+    from common import decode_response, encode_prompt, get_tokenizer, render_prompt, render_response
+    ckpt = tiny_lm(tmp_path / 'sft.pt')
+    questions = ['Hi there.', 'And then?', 'What else is there?', 'Why?', 'And then?', 'Tell me more.']
+    p = subprocess.run([sys.executable, str(ROOT / 'sample.py'), f'--ckpt={ckpt}', '--max_new_tokens=6', '--judge=False',
+                        '--temperature=0', '--chat=True', '--device=cpu', '--dtype=float32'],
+                       input='\n'.join(questions) + '\n', cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    replies = [line.removeprefix('Assistant: ') for line in p.stdout.splitlines() if line.startswith('Assistant: ')]
+    model = GPT(GPTConfig(**ARGS))
+    model.load_state_dict(torch.load(ckpt, weights_only=True)['model'])
+    enc = get_tokenizer(ARGS['vocab_size'])
+    turns, kept, want = [], [], []
+    for q, reply in zip(questions, replies):
+        while turns and len(encode_prompt(enc, ''.join(turns) + render_prompt(q))) > 58:
+            turns.pop(0)
+        kept.append(len(turns))
+        seq, _, _, mask = model.eval().generate([encode_prompt(enc, ''.join(turns) + render_prompt(q))], 6, enc.eot_token,
+                                                temperature=0)
+        want.append(decode_response(enc, seq[0, seq.size(1) - mask.size(1):].tolist()))
+        turns.append(render_prompt(q) + render_response(reply))
+    assert replies == want
+    assert kept[:2] == [0, 1] and kept[2:] == [1] * 4, kept  # from the third question on, only the last turn fits
+    assert '(the oldest ' in p.stdout and '(prompt cut' not in p.stdout
+
+
 def test_sample_chat_gold_scores_the_first_question_only(tmp_path):
     # the gold judge reads one question alone: a follow-up ('And then?') asked after earlier turns gets no gold
     # score, the first question of each conversation does (also after 'reset')
