@@ -381,18 +381,18 @@ def test_sample_interactive_until_eof(tmp_path):
     assert 'gold' not in p.stdout
 
 
-def test_sample_chat_keeps_the_conversation_until_reset(tmp_path):
-    from common import decode_response, encode_prompt, get_tokenizer, render_prompt, render_response
-    ckpt = tiny_lm(tmp_path / 'sft.pt')
-    questions = ['Hi there.', 'And then?', 'reset', 'And then?']
+def chat(ckpt, questions):
+    """sample.py --chat=True, greedy, 6 new tokens, on questions typed in: its stdout and the answers it printed."""
     p = subprocess.run([sys.executable, str(ROOT / 'sample.py'), f'--ckpt={ckpt}', '--max_new_tokens=6', '--judge=False',
                         '--temperature=0', '--chat=True', '--device=cpu', '--dtype=float32'],
                        input='\n'.join(questions) + '\n', cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
-    replies = [line.removeprefix('Assistant: ') for line in p.stdout.splitlines() if line.startswith('Assistant: ')]
-    assert len(replies) == 3 and '(a new conversation)' in p.stdout
+    return p.stdout, [line.removeprefix('Assistant: ') for line in p.stdout.splitlines() if line.startswith('Assistant: ')]
 
-    # greedy answers by hand: the second question after the first turn, in HH-RLHF's format; the last one alone
+
+def greedy_answers(ckpt):
+    """By hand: the checkpoint's greedy answer (6 new tokens at most) to a prompt text, and the tokenizer."""
+    from common import decode_response, encode_prompt, get_tokenizer
     model = GPT(GPTConfig(**ARGS))
     model.load_state_dict(torch.load(ckpt, weights_only=True)['model'])
     enc = get_tokenizer(ARGS['vocab_size'])
@@ -400,6 +400,18 @@ def test_sample_chat_keeps_the_conversation_until_reset(tmp_path):
     def greedy(text):
         seq, _, _, mask = model.eval().generate([encode_prompt(enc, text)], 6, enc.eot_token, temperature=0)
         return decode_response(enc, seq[0, seq.size(1) - mask.size(1):].tolist())
+    return greedy, enc
+
+
+def test_sample_chat_keeps_the_conversation_until_reset(tmp_path):
+    from common import render_prompt, render_response
+    ckpt = tiny_lm(tmp_path / 'sft.pt')
+    questions = ['Hi there.', 'And then?', 'reset', 'And then?']
+    stdout, replies = chat(ckpt, questions)
+    assert len(replies) == 3 and '(a new conversation)' in stdout
+
+    # greedy answers by hand: the second question after the first turn, in HH-RLHF's format; the last one alone
+    greedy, _ = greedy_answers(ckpt)
     first_turn = render_prompt(questions[0]) + render_response(replies[0])
     assert first_turn == f"\n\nHuman: Hi there.\n\nAssistant: {replies[0]}"
     assert replies == [greedy(questions[0]), greedy(first_turn + render_prompt(questions[1])), greedy(questions[3])]
@@ -409,29 +421,21 @@ def test_sample_chat_keeps_the_conversation_until_reset(tmp_path):
 def test_sample_chat_drops_the_oldest_turns_to_fit_the_context(tmp_path):
     # block_size 64, 6 new tokens: a prompt of at most 58. A longer conversation drops whole turns, oldest first,
     # so that the prompt still starts at a Human turn (never cut mid-turn); by hand, greedy answers after the turns kept
-    from common import decode_response, encode_prompt, get_tokenizer, render_prompt, render_response
+    from common import encode_prompt, render_prompt, render_response
     ckpt = tiny_lm(tmp_path / 'sft.pt')
     questions = ['Hi there.', 'And then?', 'What else is there?', 'Why?', 'And then?', 'Tell me more.']
-    p = subprocess.run([sys.executable, str(ROOT / 'sample.py'), f'--ckpt={ckpt}', '--max_new_tokens=6', '--judge=False',
-                        '--temperature=0', '--chat=True', '--device=cpu', '--dtype=float32'],
-                       input='\n'.join(questions) + '\n', cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
-    replies = [line.removeprefix('Assistant: ') for line in p.stdout.splitlines() if line.startswith('Assistant: ')]
-    model = GPT(GPTConfig(**ARGS))
-    model.load_state_dict(torch.load(ckpt, weights_only=True)['model'])
-    enc = get_tokenizer(ARGS['vocab_size'])
+    stdout, replies = chat(ckpt, questions)
+    greedy, enc = greedy_answers(ckpt)
     turns, kept, want = [], [], []
     for q, reply in zip(questions, replies):
         while turns and len(encode_prompt(enc, ''.join(turns) + render_prompt(q))) > 58:
             turns.pop(0)
         kept.append(len(turns))
-        seq, _, _, mask = model.eval().generate([encode_prompt(enc, ''.join(turns) + render_prompt(q))], 6, enc.eot_token,
-                                                temperature=0)
-        want.append(decode_response(enc, seq[0, seq.size(1) - mask.size(1):].tolist()))
+        want.append(greedy(''.join(turns) + render_prompt(q)))
         turns.append(render_prompt(q) + render_response(reply))
     assert replies == want
     assert kept[:2] == [0, 1] and kept[2:] == [1] * 4, kept  # from the third question on, only the last turn fits
-    assert '(the oldest ' in p.stdout and '(prompt cut' not in p.stdout
+    assert '(the oldest ' in stdout and '(prompt cut' not in stdout
 
 
 def test_sample_chat_gold_scores_the_first_question_only(tmp_path):
