@@ -297,6 +297,8 @@ def setup(device, dtype, seed, training=True, tf32=True, flash_attention=True):
             device = f'cuda:{local_rank}'
             torch.cuda.set_device(device)
         dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    elif device.startswith('cuda:'):  # make it the current device: memory stats, synchronize and the CUDA RNG act on it
+        torch.cuda.set_device(device)
     torch.manual_seed(seed + rank)
     if device.startswith('cuda'):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
@@ -354,7 +356,12 @@ def default_compile():
 
 
 def default_dtype():
-    return 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+    """bfloat16 where the GPU computes in it natively (NVIDIA compute capability 8.0 and up: A100, H100, RTX 30xx
+    and later; AMD GPUs), else float32. A T4 or V100 only emulates bf16, slowly, and torch.compile skips bf16
+    graphs there; torch.cuda.is_bf16_supported() says True for those too."""
+    if not torch.cuda.is_available():
+        return 'float32'
+    return 'bfloat16' if torch.version.hip or torch.cuda.get_device_capability()[0] >= 8 else 'float32'
 
 
 def get_lr(step, learning_rate, warmup_steps, max_steps, min_lr_ratio=0.1):

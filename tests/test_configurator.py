@@ -302,10 +302,12 @@ def test_real_scripts_stop_with_one_line(script, args, message, tmp_path):
 
 SCRIPTS = ['train_sft.py', 'train_reward_model.py', 'train_dpo.py', 'train_ppo.py', 'bench.py']
 # one process per machine kind runs every script's --help (torch is imported once, not ten times)
+# 'cuda' fakes an H100 (compute capability 9.0), 'cuda-t4' a T4 (7.5: bf16 only emulated)
 FAKE_CUDA = ("import runpy, sys, torch\n"
-             "if sys.argv[1] == 'cuda':\n"
+             "if sys.argv[1].startswith('cuda'):\n"
              "    torch.cuda.is_available = lambda: True\n"
-             "    torch.cuda.is_bf16_supported = lambda *a, **k: True\n"
+             "    capability = (7, 5) if sys.argv[1] == 'cuda-t4' else (9, 0)\n"
+             "    torch.cuda.get_device_capability = lambda *a: capability\n"
              "for script in sys.argv[2:]:\n"
              "    print('=== ' + script)\n"
              "    sys.argv = [script, '--help']\n"
@@ -316,10 +318,12 @@ FAKE_CUDA = ("import runpy, sys, torch\n"
 
 
 @pytest.mark.parametrize('where, want', [('cuda', ("device = 'cuda'", 'compile = True', "dtype = 'bfloat16'")),
+                                         ('cuda-t4', ("device = 'cuda'", 'compile = True', "dtype = 'float32'")),
                                          ('cpu', ("device = 'cpu'", 'compile = False', "dtype = 'float32'"))])
 def test_gpu_fast_path_is_the_default_on_cuda_only(where, want):
     """--help prints the resolved defaults; on a (faked) CUDA machine compile is on and training
-    runs in bf16 on the GPU, on a CPU compile is off and the dtype is fp32."""
+    runs in bf16 on the GPU, unless the GPU only emulates bf16 (a T4: fp32); on a CPU compile is off
+    and the dtype is fp32."""
     p = run_python(['-c', FAKE_CUDA, where, *SCRIPTS], timeout=120)
     assert p.returncode == 0, p.stderr
     helps = dict(part.split('\n', 1) for part in p.stdout.split('=== ')[1:])
@@ -334,7 +338,7 @@ def test_gpu_fast_path_is_the_default_on_cuda_only(where, want):
 
 def test_gpu_switches_turn_each_speed_up_off(monkeypatch):
     """The fast path's pieces are config switches: TF32 and the flash kernel (setup, on a faked CUDA
-    machine), fused AdamW (the same math as the per-tensor loop) and pinned-memory copies (collate)."""
+    machine, which also makes a --device=cuda:N the current device), fused AdamW (the same math as the per-tensor loop) and pinned-memory copies (collate)."""
     import torch
     from common import setup
     from loaders import collate
@@ -346,6 +350,11 @@ def test_gpu_switches_turn_each_speed_up_off(monkeypatch):
             setup('cuda', 'float32', 0, tf32=on, flash_attention=on)
             assert torch.backends.cuda.matmul.allow_tf32 is on and torch.backends.cudnn.allow_tf32 is on
             assert torch.backends.cuda.flash_sdp_enabled() is on
+        # --device=cuda:1 becomes the current device, which memory stats, synchronize and the CUDA RNG act on
+        chosen = []
+        monkeypatch.setattr(torch.cuda, 'set_device', chosen.append)
+        assert setup('cuda:1', 'float32', 0)[3] == 'cuda:1' and setup('cuda', 'float32', 0)[3] == 'cuda'
+        assert chosen == ['cuda:1']
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before[:2]
         torch.backends.cuda.enable_flash_sdp(before[2])
