@@ -234,8 +234,11 @@ class GPT(nn.Module):
         """
         h = self.hidden_states(idx, attention_mask)
         if targets is None:
-            if self.scalar_head is not None:
-                return self.scalar_head(h).squeeze(-1).float(), None
+            if self.scalar_head is not None:  # in float32 under autocast too: bf16 would round a score of 4 to 1/32
+                if torch.is_autocast_enabled(h.device.type):
+                    with torch.autocast(h.device.type, enabled=False):
+                        return self.scalar_head(h.float()).squeeze(-1), None
+                return self.scalar_head(h).squeeze(-1), None
             return self.lm_head(h), None
         keep = targets >= 0
         lp, ent = LinearLogprobs.apply(h[keep], self.lm_head.weight, targets[keep], float(temperature), with_entropy)
@@ -308,11 +311,12 @@ class GPT(nn.Module):
             f"cache_len {T_max} must be in [prompt {P} + {max_new_tokens} new tokens, block_size {cfg.block_size}]"
         # the left padding is token 0, hidden by the mask; not eos_id, which may lie outside the vocabulary (-1: no row
         # ever stops, as bench.py asks) and would fail the embedding lookup in the prefill
-        seq = torch.zeros((B, P + max_new_tokens), dtype=torch.long, device=device)
-        key_mask = torch.zeros((B, T_max), dtype=torch.bool, device=device)
+        seq = torch.zeros((B, P + max_new_tokens), dtype=torch.long)  # built on the host, then one copy each
+        key_mask = torch.zeros((B, T_max), dtype=torch.bool)
         for i, p in enumerate(prompts):
-            seq[i, P - len(p):P] = torch.tensor(p, dtype=torch.long, device=device)
+            seq[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
             key_mask[i, P - len(p):P] = True
+        seq, key_mask = seq.to(device), key_mask.to(device)
         prompt_len = key_mask[:, :P].sum(-1)  # (B,)
         hs, dtype = cfg.n_embd // cfg.n_head, self.lm_head.weight.dtype
         if torch.is_autocast_enabled(device.type):

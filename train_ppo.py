@@ -428,7 +428,7 @@ for it in bar:
     k3_seq = (kl_estimators(old_logprobs, ref_logprobs)[1] * response_mask).sum(1)  # the same KL by k3: never negative
     gold = {}  # the gold judge's mean score of the rollouts; without a judge, none (the log has no 'gold')
     if judge is not None:
-        texts = [decode_response(enc, seq[i, P:P + lengths[i]].tolist()) for i in range(len(batch))]
+        texts = [decode_response(enc, tokens[P:P + n]) for tokens, n in zip(seq.tolist(), lengths.tolist())]  # one copy to the host
         gold['gold'] = torch.tensor([judge(records[i]['prompt'], t, e) for i, t, e in zip(batch_ids, texts, ended.tolist())]).mean()
     row = {'score': scores.mean(), 'rlhf_reward': (scores - kl_coef * kl_seq).mean(), 'kl': kl_seq.mean(),
            'kl_k3': k3_seq.mean(), **gold, 'response_length': lengths.float().mean(), 'ended': ended.float().mean(),

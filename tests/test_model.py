@@ -562,6 +562,22 @@ def test_reward_at_last_token_ignores_padding():
             assert (rewards - expected).abs().max().item() < 1e-5
     assert expected.std() > 1e-2
 
+
+def test_scalar_head_stays_float32_under_bfloat16_autocast():
+    # a reward or value model's score under autocast (the CUDA default): the head reads the float32 hidden state
+    # (ln_f runs in float32) in float32, as a bfloat16 score keeps 8 bits (a step of 1/32 near 4, 1/128 near 1)
+    model = tiny_gpt(scalar_head=True)
+    with torch.no_grad():
+        model.scalar_head.weight.mul_(20)  # scores of several units, where bfloat16's steps are coarse
+        idx = torch.tensor(random_prompts([12, 12, 12], seed=7))
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            scores = model.scores(idx)
+            h = model.hidden_states(idx)
+        want = h.float() @ model.scalar_head.weight[0] + model.scalar_head.bias
+    assert scores.dtype == torch.float32 and scores.abs().max() > 2
+    torch.testing.assert_close(scores, want, rtol=1e-6, atol=1e-6)
+    assert (want - want.bfloat16().float()).abs().max() > 1e-3  # what a bfloat16 head would have lost
+
 # -----------------------------------------------------------------------------
 # the fused log-prob head
 
