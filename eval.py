@@ -214,9 +214,10 @@ cols = ['gold', 'win', 'win_strict', 'facts', 'refuse_harm', 'needless', 'honest
         'rm_win', 'gold_helpful', 'gold_harmful', 'gold_unknowable'] if gold_judge else ['rm', 'rm_win', 'kl', 'length', 'ended']
 print(f"\n{len(questions)} held-out prompts, temperature {temperature}, seed {seed}; win rates and kl against {baseline}"
       + ('' if gold_judge else f"; no gold judge: {rm_ckpt} judges"))
-print(f"{'':>8} " + ' '.join(f"{c:>11}" for c in cols))
+w = max(8, *map(len, results))  # names in full: two runs of one stage differ only in their paths
+print(f"{'':>{w}} " + ' '.join(f"{c:>11}" for c in cols))
 for name, row in results.items():
-    print(f"{name[:8]:>8} " + ' '.join(f"{row[c]:>11.3f}" if c in row else f"{'-':>11}" for c in cols))
+    print(f"{name:>{w}} " + ' '.join(f"{row[c]:>11.3f}" if c in row else f"{'-':>11}" for c in cols))
 with open(out_json, 'w') as f:  # its directory was made at start-up
     # scores: every prompt's, in the order of the prompts (prompts and samples: the first 50)
     json.dump(strict_json({'config': config, 'results': results, 'prompts': questions[:50],
@@ -227,5 +228,5 @@ step = max(1, len(questions) // max(n_samples, 1))
 for i in range(0, min(step * n_samples, len(questions)), step):  # fewer prompts than n_samples: each once; 0: none
     print(f"\nHuman: {questions[i]}")
     for name, (gold, rm, texts, _) in answers.items():  # [the gold score] or, without a gold judge, [the reward model's]
-        print(f"  {name:>8} [{(gold if gold_judge else rm)[i]:+.2f}] {texts[i]}")
+        print(f"  {name:>{w}} [{(gold if gold_judge else rm)[i]:+.2f}] {texts[i]}")
 print(f"\nwrote {out_json} ({time.time() - t0:.0f} s)")

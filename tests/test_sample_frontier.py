@@ -85,9 +85,14 @@ def test_eval_baseline_row_has_no_win_rate(tmp_path):
     rm = GPT(GPTConfig(**ARGS, scalar_head=True))
     torch.nn.init.normal_(rm.scalar_head.weight, std=0.5)  # scores that differ between the two models' answers
     save_checkpoint(tmp_path / 'rm.pt', rm, None, dict(ARGS, scalar_head=True), {}, 'rm', 0, reward_offset=0.0)
-    p = run_script('eval.py', *EVAL_ARGS, f'--ckpts={sft},{dpo}', f'--baseline={sft}', f'--rm_ckpt={tmp_path / "rm.pt"}',
+    p = run_script('eval.py', *EVAL_ARGS, f'--ckpts={sft},{dpo},{dpo}', f'--baseline={sft}', f'--rm_ckpt={tmp_path / "rm.pt"}',
                    f'--out_json={tmp_path / "eval.json"}', timeout=120)
     results = json.loads((tmp_path / 'eval.json').read_text())['results']
+    assert list(results) == ['sft', 'dpo', f'dpo:{dpo}'] and results['dpo'] == results[f'dpo:{dpo}']
+    # the printed table and the answers side by side (3 prompts) name each run in full, a stage's second by its path
+    rows = [line.split()[:2] for line in p.stdout.splitlines() if line.split()[:1] and line.split()[0] in results]
+    assert [name for name, cell in rows if not cell.startswith('[')] == list(results), p.stdout
+    assert [name for name, cell in rows if cell.startswith('[')] == list(results) * 3, p.stdout
     assert 'win' not in results['sft'] and 'win_strict' not in results['sft'] and results['sft']['ties'] == 1.0
     assert results['sft']['kl'] == 0.0 and results['dpo']['kl'] != 0.0
     assert results['sft']['rm'] != results['dpo']['rm']  # read at each answer's own last token
