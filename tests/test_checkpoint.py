@@ -442,6 +442,17 @@ def test_open_log_starts_fresh_or_keeps_the_rows_before_the_resume_point(tmp_pat
         common.open_log(str(tmp_path / 'dir'), 2)
 
 
+def test_open_log_of_a_fresh_run_never_reads_the_old_log(tmp_path):
+    # a fresh run (resume_from 0) in an old run's directory starts its own log: what the old one holds, even a line
+    # that is no row (which a resume would refuse), is not read, so it cannot stop the run
+    path = tmp_path / 'run' / 'log.jsonl'
+    path.parent.mkdir()
+    path.write_text('{"step": 0, "train/loss": 2.0}\noops\n{"step": 1, "train/loss": 1.9}\n')
+    with common.open_log(str(tmp_path / 'run'), 0) as log:
+        log.write('{"step": 0}\n')
+    assert path.read_text() == '{"step": 0}\n'
+
+
 def test_in_one_process_runs_where_asked_and_raises_its_error():
     from configurator import UserError
     calls = []

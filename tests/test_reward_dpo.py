@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from common import get_tokenizer, model_from_checkpoint, save_checkpoint
-from loaders import collate, read_jsonl, tokenize_prefs, tokenize_sft
+from loaders import DataError, collate, read_jsonl, tokenize_prefs, tokenize_sft
 from model import GPT, GPTConfig
-from scripts import read_log, run_script, script_functions
+from scripts import function_defs, read_log, run_script, script_functions
 
 rm = script_functions('train_reward_model.py')
 dpo = script_functions('train_dpo.py')
@@ -66,6 +66,25 @@ def test_reward_is_read_at_the_last_real_token_padding_changes_nothing():
         assert torch.allclose(r, alone, atol=1e-5), (r, alone)
     assert torch.allclose(alone, unpadded, atol=1e-5)  # the scalar head at the last real token itself
     assert not torch.allclose(at_last_column, alone, atol=1e-3)  # reading at a pad would be wrong
+
+
+def test_gold_gaps_are_read_only_when_every_pair_has_both_scores(tmp_path):
+    # the reward model's load_pairs: gold_gap = gold_chosen - gold_rejected per pair when every record has both
+    # scores; a file where some pairs lack them (real pairs mixed with the built-in world's) has no gold gaps, and
+    # no KeyError either
+    load_pairs, = function_defs('train_reward_model.py', 'load_pairs', enc=get_tokenizer(512), block_size=64, math=math,
+                                read_jsonl=read_jsonl, tokenize_prefs=tokenize_prefs, DataError=DataError)
+    pair = {'prompt': 'Tell me about apples', 'chosen': 'red and sweet', 'rejected': 'blue'}
+    full, mixed = tmp_path / 'gold.jsonl', tmp_path / 'mixed.jsonl'
+    full.write_text(''.join(json.dumps(r) + '\n' for r in [dict(pair, gold_chosen=0.5, gold_rejected=0.25),
+                                                            dict(pair, gold_chosen=-1, gold_rejected=0.25)]))
+    mixed.write_text(''.join(json.dumps(r) + '\n' for r in [dict(pair, gold_chosen=0.5, gold_rejected=0.25), pair,
+                                                             dict(pair, gold_chosen=0.5)]))
+    pairs, gold = load_pairs(str(full))
+    assert len(pairs) == 2 and gold.tolist() == [0.25, -1.25]  # chosen minus rejected, exact in float32
+    pairs, gold = load_pairs(str(mixed))
+    assert len(pairs) == 3 and gold is None
+
 
 # -----------------------------------------------------------------------------
 # DPO, IPO, conservative DPO
@@ -134,6 +153,12 @@ def test_conservative_dpo_minimiser(beta, eps):
     assert torch.allclose(plain, -F.logsigmoid(beta * grid))
 
 
+def test_dpo_loss_refuses_an_unknown_loss_type():
+    # a misspelt loss type is an error, not quietly one of the two losses (bench.py calls dpo_loss directly)
+    with pytest.raises(ValueError, match="unknown loss_type 'ipo2'"):
+        dpo.dpo_loss(*logps_for_margin([0.5]), 0.5, loss_type='ipo2')
+
+
 def test_sequence_logps_sum_the_response_tokens_only():
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY)).eval()
@@ -162,6 +187,15 @@ def test_sft_loss_hand_computation():
     sft = script_functions('train_sft.py')
     logprobs = torch.tensor([[0.0, -1.0, -2.0], [-0.5, 0.0, 0.0]])
     targets = torch.tensor([[-1, 0, 5], [3, -1, -1]])  # token id 0 ('!') is a target like any other
+    assert sft.sft_loss(logprobs, targets, torch.tensor(3.0)).item() == pytest.approx(3.5 / 3)  # (1 + 2 + 0.5) / 3
+
+
+def test_sft_loss_masks_the_log_probs_itself():
+    # the mask is sft_loss's own: log-probs at prompt and pad positions (targets -1) count for nothing even when they
+    # are not 0 (the model zeroes them, but bench.py and any other caller may pass raw ones)
+    sft = script_functions('train_sft.py')
+    logprobs = torch.tensor([[-7.0, -1.0, -2.0], [-0.5, -3.0, -9.0]])
+    targets = torch.tensor([[-1, 0, 5], [3, -1, -1]])
     assert sft.sft_loss(logprobs, targets, torch.tensor(3.0)).item() == pytest.approx(3.5 / 3)  # (1 + 2 + 0.5) / 3
 
 
@@ -414,6 +448,35 @@ def test_sft_logged_losses_and_learning_rates_by_hand(world):
     dropout_log = read_log(world / 'sft_hand_dropout' / 'log.jsonl')
     assert dropout_log[0]['val/loss'] == pytest.approx(evals[0]['val/loss'], rel=1e-5)
     assert abs(dropout_log[1]['train/loss'] - rows[0]['train/loss']) > 1e-3, (dropout_log[1], rows[0])
+
+
+def test_sft_losses_count_token_id_0_as_a_response_token(tmp_path):
+    # '!' is token id 0: the per-token mean divides by every response token, id 0 included, both in training (the
+    # global batch's count) and in the val loss; a count of targets > 0 would leave each '!' out of the denominator.
+    # At a learning rate of 1e-9 the logged losses are the final model's, by hand as in the test above
+    from loaders import batch_indices
+    rng = random.Random(3)
+    records = [{'prompt': f'Tell me about {rng.choice(WORDS)}', 'response': '!' * rng.randint(1, 4) + f' {rng.choice(WORDS)}!'}
+               for _ in range(16)]
+    data = tmp_path / 'sft.jsonl'
+    data.write_text(''.join(json.dumps(r) + '\n' for r in records))
+    run_script('train_sft.py', *SYSTEM, f'--train_file={data}', f'--val_file={data}', f'--out_dir={tmp_path / "sft"}',
+               '--n_layer=1', '--n_head=2', '--n_embd=32', '--vocab_size=512', '--batch_size=8', '--micro_batch_size=4',
+               '--max_steps=1', '--warmup_steps=0', '--learning_rate=1e-9', '--eval_interval=100', '--eval_batches=0',
+               env=ONE_THREAD)
+    log = read_log(tmp_path / 'sft' / 'log.jsonl')
+    model, _ = model_from_checkpoint(torch.load(tmp_path / 'sft' / 'ckpt.pt', weights_only=True))
+    enc = get_tokenizer(512)
+    examples = tokenize_sft(read_jsonl(str(data), 'sft'), enc, 64)
+    assert sum(response.count(0) for _, response in examples) >= 2 * len(examples)  # '!' is id 0, several per response
+    train = [row for row in log if 'train/loss' in row]
+    assert [row['step'] for row in train] == [0]
+    batch = [examples[j] for j in batch_indices(16, 8, 0, 1337)]
+    assert train[0]['train/loss'] == pytest.approx(sft_nll(model, batch, enc.eot_token), rel=1e-5), train[0]
+    evals = [row for row in log if 'val/loss' in row]
+    assert [row['step'] for row in evals] == [0, 1]
+    for row in evals:  # eval_batches=0: all 16
+        assert row['val/loss'] == pytest.approx(sft_nll(model, examples, enc.eot_token), rel=1e-5), row
 
 
 def rm_metrics(model, pairs, gaps, tie_margin=0.1):

@@ -123,6 +123,8 @@ def test_chat_template():
     assert enc.eot_token not in encode_response(enc, 'a <|endoftext|> b')[:-1]
     assert decode_response(enc, response + [1, 2, 3]) == 'Hello there.'
     assert decode_response(enc, response[:-1]) == 'Hello there.'
+    # cut at the FIRST eot: whatever a batch's generation appended after it (another answer, pads) is no part of it
+    assert decode_response(enc, response + encode_response(enc, 'More.') + [enc.eot_token]) == 'Hello there.'
 
 
 def test_chat_template_only_a_whole_conversation_is_kept_as_it_is():
