@@ -238,7 +238,7 @@ class GPT(nn.Module):
                 if torch.is_autocast_enabled(h.device.type):
                     with torch.autocast(h.device.type, enabled=False):
                         return self.scalar_head(h.float()).squeeze(-1), None
-                return self.scalar_head(h).squeeze(-1), None
+                return self.scalar_head(h).squeeze(-1).float(), None  # float32 for a model cast to bf16 too
             return self.lm_head(h), None
         keep = targets >= 0
         lp, ent = LinearLogprobs.apply(h[keep], self.lm_head.weight, targets[keep], float(temperature), with_entropy)
