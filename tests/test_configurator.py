@@ -338,7 +338,8 @@ def test_gpu_fast_path_is_the_default_on_cuda_only(where, want):
 
 def test_gpu_switches_turn_each_speed_up_off(monkeypatch):
     """The fast path's pieces are config switches: TF32 and the flash kernel (setup, on a faked CUDA
-    machine, which also makes a --device=cuda:N the current device), fused AdamW (the same math as the per-tensor loop) and pinned-memory copies (collate)."""
+    machine, which also makes a --device=cuda:N the current device), fused AdamW (the same math as the
+    per-tensor loop) and pinned-memory copies (collate)."""
     import torch
     from common import setup
     from loaders import collate
