@@ -313,12 +313,17 @@ def test_bad_config_fails_at_startup(tmp_path, monkeypatch, capsys):
         ('ppo: gold judge typo', 'train_ppo.py', ppo + ['--gold_judge=tiny', out], "gold_judge must be 'tinyhh' or ''"),
         ('ppo: reward model shorter than the rollout', 'train_ppo.py', ppo + [f'--rm_ckpt={short_rm(tmp_path)}', out],
          f"max_prompt_len 24 + max_new_tokens 16 > {tmp_path / 'rm32.pt'}'s block_size 32"),
+        ('ppo: fewer prompts than a batch', 'train_ppo.py', ppo + ['--batch_size=64', out],  # make_tiny_world writes 32
+         'prompts.jsonl: 32 prompts, fewer than one batch of 64'),
     ]
     prefs = prefs_args(tmp_path)  # the same tiny SFT model in sft.pt
     for script in ('train_reward_model.py', 'train_dpo.py'):
         cases.append((f'{script}: batch not divisible', script, prefs + ['--micro_batch_size=3', out], 'divisible'))
         cases.append((f'{script}: block_size 1', script, prefs + ['--block_size=1', out], 'block_size must be >= 2'))
         cases.append((f'{script}: beta2 1', script, prefs + ['--beta2=1.0', out], '0 <= beta1, beta2 < 1'))
+        rm_files = ['--test_file=', f'--sft_train_file={tmp_path / "sft.jsonl"}'] if script == 'train_reward_model.py' else []
+        cases.append((f'{script}: fewer pairs than a batch', script, prefs + rm_files + ['--batch_size=64', out],
+                      'prefs.jsonl: 32 pairs, fewer than one batch of 64'))  # prefs_args writes 32
     failures = startup_failures(cases, monkeypatch, capsys)
     assert not failures, '\n\n'.join(failures)
     assert not (tmp_path / 'out').exists()  # nothing written
@@ -343,6 +348,29 @@ def test_grad_clip_0_turns_clipping_off_and_beta1_0_is_accepted(tmp_path):
         for key in ('model', 'value_model'):
             for k, v in a.get(key, {}).items():
                 assert torch.equal(v, b[key][k]), (off, key, k)
+
+
+def test_grad_clip_bounds_the_gradient_the_optimizer_steps_with(tmp_path):
+    # one optimizer step with a bound below the gradient's norm: AdamW's first moment after one step is
+    # (1 - beta1) x the gradient it was given, so the checkpoint's optimizer state shows the clipped gradient,
+    # whose norm over all trained parameters (PPO: the policy's and the value model's) must be the bound
+    clip, cases = 1e-3, []
+    for script, make_args in (('train_sft.py', sft_args), ('train_reward_model.py', rm_args),
+                              ('train_dpo.py', prefs_args), ('train_ppo.py', make_tiny_world)):
+        base = tmp_path / script.removesuffix('.py')
+        base.mkdir()
+        one_step = (['--max_iters=1', '--ppo_epochs=1', '--batch_size=8', '--mini_batch_size=8'] if script == 'train_ppo.py'
+                    else ['--max_steps=1', '--beta1=0.0'])
+        cases.append((script, make_args(base) + one_step + [f'--grad_clip={clip}', f'--out_dir={base / "out"}']))
+    for (code, _, err), (script, args) in zip(run_all(cases, tmp_path), cases):
+        assert code == 0, (script, err[-2000:])
+        out = tmp_path / script.removesuffix('.py') / 'out'
+        state = torch.load(out / 'ckpt.pt', weights_only=True)['optimizer']['state'].values()
+        beta1 = 0.9 if script == 'train_ppo.py' else 0.0
+        applied = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s['exp_avg']) for s in state])) / (1 - beta1)
+        logged = [row['grad_norm'] for row in read_log(out / 'log.jsonl') if 'grad_norm' in row]  # the norm before clipping
+        assert len(logged) == 1 and logged[0] > 10 * clip, (script, logged)
+        assert applied.item() == pytest.approx(clip, rel=1e-4), (script, applied.item(), logged)
 
 
 def test_rm_and_dpo_refuse_a_checkpoint_of_another_stage(tmp_path, monkeypatch, capsys):
