@@ -182,6 +182,27 @@ def test_ppo_update_statistics_and_step_of_two_processes_match_one(tmp_path):
             assert torch.allclose(w1[key][k], w2[key][k], rtol=0, atol=1e-6), (key, k)
 
 
+def test_ppo_ranks_sample_their_own_rollouts(tmp_path):
+    """Every prompt the same: the ranks' rollouts differ only by their sampling RNG, seeded from (seed, iteration,
+    rank). Rank r of a 2-process run samples what one process seeded with seed + r samples, so the logged score of
+    the global batch is the mean of those two runs' scores, and not one run's, as it would be if the ranks drew the
+    same random numbers and so the same rollouts (half the batch wasted)."""
+    args = make_tiny_world(tmp_path)
+    with open(tmp_path / 'same.jsonl', 'w') as f:
+        f.writelines('{"prompt": "what is 2 plus 3?"}\n' for _ in range(16))
+    args += [f'--prompt_file={tmp_path / "same.jsonl"}', '--max_iters=1', '--ppo_epochs=1', '--micro_batch_size=2']
+    two = torchrun('train_ppo.py', args + ['--batch_size=8', '--mini_batch_size=8', f'--out_dir={tmp_path / "two"}'], tmp_path)
+    ones = [start([sys.executable, str(ROOT / 'train_ppo.py'), *args, '--batch_size=4', '--mini_batch_size=4', f'--seed={seed}',
+                   f'--out_dir={tmp_path / str(seed)}'], tmp_path, str(seed)) for seed in (1337, 1338)]
+    wait(two, tmp_path, 'torchrun', ranks=True)
+    for seed, proc in zip((1337, 1338), ones):
+        wait(proc, tmp_path, str(seed))
+    (both,), (rank0,), (rank1,) = (read_log(tmp_path / d / 'log.jsonl') for d in ('two', '1337', '1338'))
+    assert abs(rank0['score'] - rank1['score']) > 1e-3  # the two seeds sample different rollouts
+    for k in ('score', 'response_length'):
+        assert both[k] == pytest.approx((rank0[k] + rank1[k]) / 2, rel=1e-5, abs=1e-6), (k, both[k], rank0[k], rank1[k])
+
+
 def test_offline_gpt2_stops_every_process_with_one_line(tmp_path):
     # offline (a proxy on a closed port), GPT-2 not in the cache: local rank 0's download fails, and
     # rank 1, which would wait for it, learns that and stops too, each with one line and no traceback
