@@ -3,6 +3,7 @@ The scripts under torchrun: 2 processes on a CPU, joined with gloo. A global bat
 processes must train exactly like the same batch in 1 process (the losses are normalised by
 global counts); logged statistics are global; only rank 0 prints a progress bar and writes files.
 """
+import json
 import math
 import sys
 
@@ -10,10 +11,11 @@ import pytest
 import torch
 
 from common import get_tokenizer, model_from_checkpoint, save_checkpoint
+from model import GPT, GPTConfig
 from loaders import batch_indices, read_jsonl, tokenize_prompts
 from scripts import OFFLINE_ENV, ROOT, assert_same_log, read_log, start_python
 from test_ppo import make_tiny_world, write_demonstrations
-from test_reliability import output, prefs_args, rm_args, sft_args, start
+from test_reliability import TINY, output, prefs_args, rm_args, sft_args, start
 
 
 def torchrun(script, args, tmp_path, name='torchrun'):
@@ -180,6 +182,36 @@ def test_ppo_update_statistics_and_step_of_two_processes_match_one(tmp_path):
     for key in ('model', 'value_model'):
         for k in w1[key]:
             assert torch.allclose(w1[key][k], w2[key][k], rtol=0, atol=1e-6), (key, k)
+
+
+@pytest.mark.parametrize('script, stage, make_args, record', [
+    ('train_sft.py', 'sft', sft_args, {'prompt': 'what is 2 plus 3?', 'response': 'it is 5.'}),
+    ('train_reward_model.py', 'rm', rm_args, {'prompt': 'is 2 even?', 'chosen': 'yes', 'rejected': 'maybe 2'})])
+def test_ranks_draw_their_own_dropout_masks(tmp_path, script, stage, make_args, record):
+    """Every example the same, dropout on, every run resumed from one step-0 checkpoint: the ranks' first losses
+    differ only by their dropout masks, seeded from (seed, step, rank). Rank r of a 2-process run draws what one
+    process seeded with seed + r draws, so the logged first loss of the global batch is the mean of those two
+    runs' (were the masks the same on every rank, it would be one run's)."""
+    with open(tmp_path / 'same.jsonl', 'w') as f:
+        f.writelines(json.dumps(record) + '\n' for _ in range(16))
+    torch.manual_seed(0)
+    model_args = dict(TINY, scalar_head=stage == 'rm')
+    model = GPT(GPTConfig(**model_args))
+    torch.nn.init.normal_(model.lm_head.weight if stage == 'sft' else model.scalar_head.weight, std=0.5)
+    for d in ('two', '1337', '1338'):
+        save_checkpoint(tmp_path / d / 'ckpt.pt', model, model.configure_optimizers(0.0, 1e-3, (0.9, 0.95), True),
+                        model_args, {}, stage, 0, best_val=float('inf'))
+    args = make_args(tmp_path) + [f'--train_file={tmp_path / "same.jsonl"}', '--init_from=resume', '--dropout=0.3',
+                                  '--max_steps=1', '--micro_batch_size=4']
+    two = torchrun(script, args + ['--batch_size=8', f'--out_dir={tmp_path / "two"}'], tmp_path)
+    ones = [start([sys.executable, str(ROOT / script), *args, '--batch_size=4', f'--seed={seed}',
+                   f'--out_dir={tmp_path / str(seed)}'], tmp_path, str(seed)) for seed in (1337, 1338)]
+    wait(two, tmp_path, 'torchrun', ranks=True)
+    for seed, proc in zip((1337, 1338), ones):
+        wait(proc, tmp_path, str(seed))
+    both, rank0, rank1 = (curve(read_log(tmp_path / d / 'log.jsonl'), 'train/loss')[0] for d in ('two', '1337', '1338'))
+    assert abs(rank0 - rank1) > 1e-3  # the two seeds draw different masks
+    assert both == pytest.approx((rank0 + rank1) / 2, rel=1e-5), (both, rank0, rank1)
 
 
 def test_ppo_ranks_sample_their_own_rollouts(tmp_path):

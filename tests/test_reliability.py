@@ -280,12 +280,17 @@ def test_bad_config_fails_at_startup(tmp_path, monkeypatch, capsys):
     sft, ppo = sft_args(tmp_path), make_tiny_world(tmp_path)
     os.makedirs(tmp_path / 'not_sft')
     os.link(tmp_path / 'rm.pt', tmp_path / 'not_sft' / 'ckpt.pt')  # an RM checkpoint where SFT resumes from
+    sft_run = GPT(GPTConfig(**TINY))  # an SFT run to resume, of block_size 64
+    save_checkpoint(tmp_path / 'sft_run' / 'ckpt.pt', sft_run, sft_run.configure_optimizers(0.0, 1e-3, (0.9, 0.95), True),
+                    TINY, {}, 'sft', 1, best_val=1.0)
     out = f'--out_dir={tmp_path / "out"}'
     cases = [
         ('sft: batch not divisible', 'train_sft.py', sft + ['--micro_batch_size=3', out], 'divisible'),
         ('sft: resume from an RM checkpoint', 'train_sft.py', sft + ['--init_from=resume', f'--out_dir={tmp_path / "not_sft"}'],
          "stage 'rm', expected 'sft'"),
         ('sft: nothing to resume', 'train_sft.py', sft + ['--init_from=resume', out], 'nothing to resume'),
+        ('sft: resumed with a longer block_size', 'train_sft.py',
+         sft + ['--init_from=resume', f'--out_dir={tmp_path / "sft_run"}', '--block_size=128'], "block_size 128 > the model's 64"),
         ('sft: eval_interval 0', 'train_sft.py', sft + ['--eval_interval=0', out], 'eval_interval > 0'),
         ('sft: warmup < 0', 'train_sft.py', sft + ['--warmup_steps=-1', out], 'warmup_steps >= 0'),
         ('sft: dtype typo', 'train_sft.py', sft + ['--dtype=bf16', out], "dtype must be one of 'float32', 'bfloat16', got 'bf16'"),
