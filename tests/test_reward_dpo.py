@@ -327,17 +327,19 @@ def swapped_pairs(path, out):
     return out
 
 
-def test_reward_model_select_best_keeps_the_lowest_val_loss(world):
-    val = swapped_pairs(world / 'prefs.jsonl', world / 'prefs_swapped.jsonl')
+@pytest.mark.parametrize('select_best', [True, False])
+def test_reward_model_select_best_keeps_the_lowest_val_loss(world, select_best):
+    # a validation set of swapped pairs: its loss is lowest early, so the best weights are not the final ones
+    val, out = swapped_pairs(world / 'prefs.jsonl', world / 'prefs_swapped.jsonl'), world / f'rm_best_{select_best}'
     run_script('train_reward_model.py', *SYSTEM, f'--sft_ckpt={world}/sft.pt', f'--train_file={world}/prefs.jsonl',
                f'--val_file={val}', '--test_file=', f'--sft_train_file={world}/sft.jsonl',
-               f'--out_dir={world}/rm_best', '--train_subset=64', '--batch_size=32', '--micro_batch_size=16',
-               '--max_steps=30', '--learning_rate=3e-2', '--warmup_steps=2', '--eval_interval=3', '--select_best=True',
+               f'--out_dir={out}', '--train_subset=64', '--batch_size=32', '--micro_batch_size=16',
+               '--max_steps=30', '--learning_rate=3e-2', '--warmup_steps=2', '--eval_interval=3', f'--select_best={select_best}',
                env=ONE_THREAD)
-    evals = [row for row in read_log(world / 'rm_best' / 'log.jsonl') if 'val/loss' in row][:-1]  # [-1]: the final eval
+    evals = [row for row in read_log(out / 'log.jsonl') if 'val/loss' in row][:-1]  # [-1]: the final eval
     best = min(evals, key=lambda row: row['val/loss'])
     assert evals[-1]['step'] == 30 and best['step'] < 30  # not the final weights: keeping the last would fail
-    assert torch.load(world / 'rm_best' / 'best.pt', weights_only=True)['step'] == best['step']
+    assert torch.load(out / 'best.pt', weights_only=True)['step'] == (best['step'] if select_best else 30)
 
 
 DPO_ARGS = [*SYSTEM, '--train_subset=64', '--beta=0.5', '--batch_size=32', '--micro_batch_size=16', '--max_steps=25',
