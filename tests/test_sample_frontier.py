@@ -377,12 +377,13 @@ def test_sample_interactive_until_eof(tmp_path):
     ckpt = tiny_lm(tmp_path / 'sft.pt')
     p = subprocess.run([sys.executable, str(ROOT / 'sample.py'), f'--ckpt={ckpt}', '--max_new_tokens=6', '--judge=False',
                         '--device=cpu', '--dtype=float32'],
-                       input='What is 2 plus 3?\n\nWhat colour is the sky?\n', cwd=ROOT, capture_output=True,
+                       input='What is 2 plus 3?\n\nreset\nWhat colour is the sky?\n', cwd=ROOT, capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert 'Human: What is 2 plus 3?' in p.stdout and 'Human: What colour is the sky?' in p.stdout
-    assert p.stdout.count('Assistant:') == 2  # the blank line is skipped
-    assert p.stdout.count('ran out of tokens') == 2  # a random model never says <|endoftext|> in 6 tokens
+    assert p.stdout.count('Assistant:') == 3  # the blank line is skipped; 'reset' is a question outside chat mode
+    assert p.stdout.count('ran out of tokens') == 3  # a random model never says <|endoftext|> in 6 tokens
+    assert 'a new conversation' not in p.stdout
     assert 'gold' not in p.stdout
 
 
@@ -454,6 +455,68 @@ def test_sample_chat_gold_scores_the_first_question_only(tmp_path):
     assert p.returncode == 0, p.stderr
     notes = [line for line in p.stdout.splitlines() if line.startswith('  (')]
     assert len(notes) == 3 and ['gold ' in n for n in notes] == [True, False, True], notes
+
+
+def test_sample_chat_of_several_samples_by_hand(tmp_path):
+    # temperature 1 and 2 samples per question, replayed by hand with the same generator: each printed answer, its
+    # token count and the reward model's score at its own last token (the two answers end at different lengths, so
+    # the padded row's last position would give another score), and the next question asked after the FIRST answer
+    from common import decode_response, encode_prompt, get_tokenizer, render_prompt, render_response
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**ARGS))
+    eot = ARGS['vocab_size'] - 1
+    with torch.no_grad():  # every position's logits W c: about 5 for <|endoftext|>, about 0 +- 1 for the rest
+        w = model.lm_head.weight[eot].clone()
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(5.0 * w / w.dot(w))
+    save_checkpoint(tmp_path / 'sft.pt', model, None, ARGS, {}, 'sft', 0)
+    rm = GPT(GPTConfig(**ARGS, scalar_head=True))
+    torch.nn.init.normal_(rm.scalar_head.weight, std=0.5)
+    save_checkpoint(tmp_path / 'rm.pt', rm, None, dict(ARGS, scalar_head=True), {}, 'rm', 0, reward_offset=0.0)
+    questions = ['What is 2 plus 3?', 'And then?']
+    p = subprocess.run([sys.executable, str(ROOT / 'sample.py'), f'--ckpt={tmp_path / "sft.pt"}', f'--rm_ckpt={tmp_path / "rm.pt"}',
+                        '--max_new_tokens=6', '--temperature=1.0', '--num_samples=2', '--chat=True', '--judge=False',
+                        '--device=cpu', '--dtype=float32'],
+                       input='\n'.join(questions) + '\n', cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    enc, generator, history, want, lengths = get_tokenizer(ARGS['vocab_size']), torch.Generator().manual_seed(1337), '', [], []
+    model.eval(), rm.eval()
+    for q in questions:
+        tokens = encode_prompt(enc, history + render_prompt(q))
+        with torch.no_grad():
+            seq, _, _, mask = model.generate([tokens] * 2, 6, eot, 1.0, None, 1.0, generator=generator)
+            P, texts = seq.size(1) - mask.size(1), []
+            for i in range(2):
+                n = int(mask[i].sum())
+                texts.append(decode_response(enc, seq[i, P:P + n].tolist()))
+                ending = 'ended with <|endoftext|>' if seq[i, P + n - 1] == eot else 'ran out of tokens (6 at most)'
+                reward = rm(seq[i:i + 1, :P + n])[0][0, -1].item()
+                want.append(f"Assistant: [{i + 1}/2] {texts[-1]}\n  ({ending}, {n} token{'s' if n > 1 else ''}, reward {reward:+.2f})")
+                lengths.append(n)
+        history += render_prompt(q) + render_response(texts[0])
+    assert len(set(lengths[:2])) == 2 and len(set(lengths[2:])) == 2, lengths  # each question's two answers differ in length
+    for line in want:
+        assert line in p.stdout, (line, p.stdout)
+
+
+def test_sample_cuts_a_long_prompt_to_its_end(tmp_path):
+    # block_size 64, 6 new tokens: a question of more than 58 tokens keeps its last 58; greedy, by hand
+    ckpt = tiny_lm(tmp_path / 'sft.pt')
+    question = ' '.join(f'word{i}' for i in range(40)) + '?'
+    p = run_script('sample.py', f'--ckpt={ckpt}', f'--prompt={question}', '--temperature=0', '--max_new_tokens=6',
+                   '--judge=False', '--device=cpu', '--dtype=float32', timeout=60)
+    from common import decode_response, encode_prompt, render_prompt
+    greedy, enc = greedy_answers(ckpt)
+    tokens = encode_prompt(enc, render_prompt(question))
+    assert len(tokens) > 70 and f"(prompt cut to its last 58 of {len(tokens)} tokens)" in p.stdout
+    model = GPT(GPTConfig(**ARGS))
+    model.load_state_dict(torch.load(ckpt, weights_only=True)['model'])
+    ends = []
+    for kept in (tokens[-58:], tokens[:58]):
+        seq, _, _, mask = model.eval().generate([kept], 6, enc.eot_token, temperature=0)
+        ends.append(decode_response(enc, seq[0, seq.size(1) - mask.size(1):].tolist()))
+    assert ends[0] != ends[1]  # the two ends of the prompt lead to different answers
+    assert f"Assistant: {ends[0]}\n" in p.stdout, p.stdout
 
 
 def check_png(path):
