@@ -286,6 +286,7 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path):
     ('train_sft.py', ['--train_file=data/hh_rlhf/no_such.jsonl'],
      'error: data/hh_rlhf/no_such.jsonl: cannot read the file: No such file or directory; make it with python data/hh_rlhf/prepare.py\n'),
     ('eval.py', ['--prompt_file=no/such.jsonl'], 'error: no/such.jsonl: cannot read the file: No such file or directory\n'),
+    ('sample.py', ['--prompt=Hi', '--prompt_file={tmp}/sft.jsonl'], 'config error: give --prompt or --prompt_file, not both'),
     # offline (a proxy on a closed port refuses every connection), GPT-2 not in the cache
     ('train_sft.py', ['--init_from=gpt2', '--train_file={tmp}/sft.jsonl', '--val_file={tmp}/sft.jsonl'],
      'error: could not download https://huggingface.co/')])
