@@ -458,7 +458,7 @@ def test_sample_chat_gold_scores_the_first_question_only(tmp_path):
 
 
 def test_sample_chat_of_several_samples_by_hand(tmp_path):
-    # temperature 1 and 2 samples per question, replayed by hand with the same generator: each printed answer, its
+    # temperature 1, top_k 50, seed 7 and 2 samples per question, replayed by hand with a generator of that seed: each printed answer, its
     # token count and the reward model's score at its own last token (the two answers end at different lengths, so
     # the padded row's last position would give another score), and the next question asked after the FIRST answer
     from common import decode_response, encode_prompt, get_tokenizer, render_prompt, render_response
@@ -475,16 +475,16 @@ def test_sample_chat_of_several_samples_by_hand(tmp_path):
     save_checkpoint(tmp_path / 'rm.pt', rm, None, dict(ARGS, scalar_head=True), {}, 'rm', 0, reward_offset=0.0)
     questions = ['What is 2 plus 3?', 'And then?']
     p = subprocess.run([sys.executable, str(ROOT / 'sample.py'), f'--ckpt={tmp_path / "sft.pt"}', f'--rm_ckpt={tmp_path / "rm.pt"}',
-                        '--max_new_tokens=6', '--temperature=1.0', '--num_samples=2', '--chat=True', '--judge=False',
-                        '--device=cpu', '--dtype=float32'],
+                        '--max_new_tokens=6', '--temperature=1.0', '--top_k=50', '--seed=7', '--num_samples=2', '--chat=True',
+                        '--judge=False', '--device=cpu', '--dtype=float32'],
                        input='\n'.join(questions) + '\n', cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
-    enc, generator, history, want, lengths = get_tokenizer(ARGS['vocab_size']), torch.Generator().manual_seed(1337), '', [], []
+    enc, generator, history, want, lengths = get_tokenizer(ARGS['vocab_size']), torch.Generator().manual_seed(7), '', [], []
     model.eval(), rm.eval()
     for q in questions:
         tokens = encode_prompt(enc, history + render_prompt(q))
         with torch.no_grad():
-            seq, _, _, mask = model.generate([tokens] * 2, 6, eot, 1.0, None, 1.0, generator=generator)
+            seq, _, _, mask = model.generate([tokens] * 2, 6, eot, 1.0, 50, 1.0, generator=generator)
             P, texts = seq.size(1) - mask.size(1), []
             for i in range(2):
                 n = int(mask[i].sum())
