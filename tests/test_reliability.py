@@ -378,6 +378,20 @@ def test_grad_clip_bounds_the_gradient_the_optimizer_steps_with(tmp_path):
         assert applied.item() == pytest.approx(clip, rel=1e-4), (script, applied.item(), logged)
 
 
+def test_rm_and_dpo_train_one_epoch_by_default(tmp_path):
+    # max_steps=0 (their default): one pass over the training pairs, 32 pairs in batches of 8 = 4 steps
+    cases = []
+    for script, make_args in (('train_reward_model.py', rm_args), ('train_dpo.py', prefs_args)):
+        base = tmp_path / script.removesuffix('.py')
+        base.mkdir()
+        cases.append((script, make_args(base) + ['--max_steps=0', '--eval_interval=100', f'--out_dir={base / "out"}']))
+    for (code, out, err), (script, _) in zip(run_all(cases, tmp_path), cases):
+        assert code == 0, (script, err[-2000:])
+        log = read_log(tmp_path / script.removesuffix('.py') / 'out' / 'log.jsonl')
+        assert [row['step'] for row in log if 'train/loss' in row] == [0, 1, 2, 3], script
+        assert 'done: 4 steps' in out, (script, out[-2000:])
+
+
 def test_rm_and_dpo_refuse_a_checkpoint_of_another_stage(tmp_path, monkeypatch, capsys):
     prefs, _ = prefs_args(tmp_path), make_tiny_world(tmp_path)  # make_tiny_world's rm.pt; sft.pt stays the same model
     bad = prefs + [f'--sft_ckpt={tmp_path / "rm.pt"}', f'--out_dir={tmp_path / "out"}']
