@@ -547,24 +547,30 @@ def test_frontier_reuses_the_main_runs(tmp_path):
     check_png(out / 'frontier.png')
 
 
-@pytest.mark.parametrize('main_sft, value, ppo_args', [('other_sft.pt', '0.05', ''), ('sft.pt', '0.1', ''),
-                                                       ('sft.pt', '0.05', '--max_iters=5')])
-def test_frontier_trains_anew_unless_the_main_run_is_the_same_run(tmp_path, main_sft, value, ppo_args):
+@pytest.mark.parametrize('main_sft, value, ppo_args, interrupted', [
+    ('other_sft.pt', '0.05', '', False), ('sft.pt', '0.1', '', False), ('sft.pt', '0.05', '--max_iters=5', False),
+    ('sft.pt', '0.1', '', True)])
+def test_frontier_trains_anew_unless_the_main_run_is_the_same_run(tmp_path, main_sft, value, ppo_args, interrupted):
     # a main PPO run (kl_coef 0.05) is reused only for the same SFT model, the same kl_coef and no extra arguments;
-    # otherwise frontier.py trains the value itself (here that run stops at start-up: the tiny SFT model's context is
-    # shorter than train_ppo.py's default prompt and response lengths, which is all this test needs)
+    # otherwise frontier.py trains the value itself, resuming a run of the sweep that was interrupted (here that run
+    # stops at start-up: the tiny SFT model's context is shorter than train_ppo.py's default prompt and response
+    # lengths, which is all this test needs)
     sft = tiny_lm(tmp_path / 'sft.pt')
     (tmp_path / 'ppo').mkdir()
     save_checkpoint(str(tmp_path / 'ppo' / 'ckpt.pt'), GPT(GPTConfig(**ARGS)), None, ARGS,
                     {'kl_coef': 0.05, 'sft_ckpt': str(tmp_path / main_sft)}, 'ppo', 0)
     (tmp_path / 'ppo' / 'DONE').touch()
     out = tmp_path / 'frontier'
+    if interrupted:  # a checkpoint and no DONE
+        (out / f'ppo_kl{value}').mkdir(parents=True)
+        (out / f'ppo_kl{value}' / 'ckpt.pt').touch()
     p = run_script('frontier.py', f'--kl_coefs={value}', '--betas=', f'--sft_ckpt={sft}', f'--main_ppo={tmp_path}/ppo',
                    f'--ppo_args={ppo_args}', f'--out_dir={out}', check=False, timeout=120)
-    command = ' '.join(filter(None, ['train_ppo.py', ppo_args, f'--sft_ckpt={sft}', f'--kl_coef={value}']))
-    assert 'the main run' not in p.stdout and command in p.stdout, p.stdout
+    command = ' '.join(filter(None, ['train_ppo.py', ppo_args, f'--sft_ckpt={sft}', f'--kl_coef={value}',
+                                     f'--out_dir={out}/ppo_kl{value}', '--init_from=resume' if interrupted else '']))
+    assert 'the main run' not in p.stdout and f'{command}\n' in p.stdout, p.stdout
     assert p.returncode == 1 and 'train_ppo.py' in p.stderr and 'failed with exit code' in p.stderr, p.stderr
-    assert not (out / f'ppo_kl{value}' / 'ckpt.pt').exists()
+    assert (out / f'ppo_kl{value}' / 'ckpt.pt').exists() == interrupted and not (out / f'ppo_kl{value}' / 'DONE').exists()
 
 
 def test_frontier_plot_only(tmp_path):
