@@ -545,13 +545,19 @@ def test_frontier_reuses_the_main_runs(tmp_path):
     results = json.loads((out / 'eval.json').read_text())['results']
     assert len(results) == 3  # sft, ppo, dpo
     check_png(out / 'frontier.png')
+    # run again: both runs of the sweep are DONE, so neither is linked or trained again; the evaluation is redone
+    p = run_script('frontier.py', '--kl_coefs=0.05', '--betas=0.5', f'--sft_ckpt={sft}', f'--main_ppo={tmp_path}/ppo',
+                   f'--main_dpo={tmp_path}/dpo', f'--out_dir={out}', f'--eval_args={eval_args}', timeout=120)
+    assert p.stdout.count('done already, skipping') == 2 and 'the main run' not in p.stdout
+    assert json.loads((out / 'eval.json').read_text())['results'] == results
 
 
-@pytest.mark.parametrize('main_sft, value, ppo_args, interrupted', [
-    ('other_sft.pt', '0.05', '', False), ('sft.pt', '0.1', '', False), ('sft.pt', '0.05', '--max_iters=5', False),
-    ('sft.pt', '0.1', '', True)])
-def test_frontier_trains_anew_unless_the_main_run_is_the_same_run(tmp_path, main_sft, value, ppo_args, interrupted):
-    # a main PPO run (kl_coef 0.05) is reused only for the same SFT model, the same kl_coef and no extra arguments;
+@pytest.mark.parametrize('main_sft, main_done, value, ppo_args, interrupted', [
+    ('other_sft.pt', True, '0.05', '', False), ('sft.pt', True, '0.1', '', False), ('sft.pt', False, '0.05', '', False),
+    ('sft.pt', True, '0.05', '--max_iters=5', False), ('sft.pt', True, '0.1', '', True)])
+def test_frontier_trains_anew_unless_the_main_run_is_the_same_run(tmp_path, main_sft, main_done, value, ppo_args, interrupted):
+    # a main PPO run (kl_coef 0.05) is reused only when it finished (DONE), for the same SFT model, the same kl_coef
+    # and no extra arguments;
     # otherwise frontier.py trains the value itself, resuming a run of the sweep that was interrupted (here that run
     # stops at start-up: the tiny SFT model's context is shorter than train_ppo.py's default prompt and response
     # lengths, which is all this test needs)
@@ -559,7 +565,8 @@ def test_frontier_trains_anew_unless_the_main_run_is_the_same_run(tmp_path, main
     (tmp_path / 'ppo').mkdir()
     save_checkpoint(str(tmp_path / 'ppo' / 'ckpt.pt'), GPT(GPTConfig(**ARGS)), None, ARGS,
                     {'kl_coef': 0.05, 'sft_ckpt': str(tmp_path / main_sft)}, 'ppo', 0)
-    (tmp_path / 'ppo' / 'DONE').touch()
+    if main_done:
+        (tmp_path / 'ppo' / 'DONE').touch()
     out = tmp_path / 'frontier'
     if interrupted:  # a checkpoint and no DONE
         (out / f'ppo_kl{value}').mkdir(parents=True)
