@@ -600,6 +600,10 @@ def test_frontier_plot_only(tmp_path):
     (tmp_path / 'eval.json').write_text(json.dumps({'config': {'ckpts': ','.join(ckpts)}, 'results': results}))
     p = run_script('frontier.py', '--plot_only=True', f'--out_dir={tmp_path}', check=False, timeout=60)
     assert p.returncode == 2 and 'no gold scores (an evaluation with gold_judge=' in p.stderr and 'Traceback' not in p.stderr
+    # rows and checkpoints that do not pair up (an eval.json edited by hand, or another eval.py's): no points drawn
+    (tmp_path / 'eval.json').write_text(json.dumps({'config': {'ckpts': ','.join(ckpts[:-1])}, 'results': results}))
+    p = run_script('frontier.py', '--plot_only=True', f'--out_dir={tmp_path}', check=False, timeout=60)
+    assert p.returncode == 2 and '4 checkpoints but 5 result rows' in p.stderr and 'Traceback' not in p.stderr, p.stderr
 
 
 @pytest.mark.parametrize('kind', ['ppo', 'ppo_hh', 'dpo'])
