@@ -392,6 +392,32 @@ def test_rm_and_dpo_train_one_epoch_by_default(tmp_path):
         assert 'done: 4 steps' in out, (script, out[-2000:])
 
 
+def test_rm_final_metrics_cover_the_whole_val_and_test_splits(tmp_path):
+    # evals during training read eval_batches x batch_size = 16 of the 32 pairs; the final ones, of the weights in
+    # best.pt, read every pair of val and test: by hand, the mean Bradley-Terry loss over all 32 (centring in best.pt
+    # shifts both rewards of a pair alike, so the loss is the same before and after it)
+    from common import get_tokenizer
+    from loaders import collate, read_jsonl, tokenize_prefs
+    from scripts import script_functions
+    args = rm_args(tmp_path)
+    data = next(a.removeprefix('--train_file=') for a in args if a.startswith('--train_file='))
+    (code, out, err), = run_all([('train_reward_model.py', args + [f'--test_file={data}', f'--out_dir={tmp_path / "out"}'])],
+                                tmp_path)
+    assert code == 0, err[-2000:]
+    final = {k: v for row in read_log(tmp_path / 'out' / 'log.jsonl') if row.get('final') for k, v in row.items()}
+    model = GPT(GPTConfig(**dict(TINY, scalar_head=True))).eval()
+    model.load_state_dict(torch.load(tmp_path / 'out' / 'best.pt', weights_only=True)['model'])
+    pairs = tokenize_prefs(read_jsonl(data, 'prefs'), get_tokenizer(512), 64)
+    seq, _, lengths = collate([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], 511)
+    fns = script_functions('train_reward_model.py')
+    with torch.no_grad():
+        chosen, rejected = fns.last_token_rewards(model, seq, lengths).double().split(len(pairs))
+    loss = fns.bradley_terry_loss(chosen, rejected).item()
+    assert len(pairs) == 32 and 'eval_batches=2' in ' '.join(args)
+    assert final['val/loss'] == pytest.approx(loss, abs=1e-5) and final['test/loss'] == pytest.approx(loss, abs=1e-5)
+    assert final['test/accuracy'] == ((chosen > rejected).double().mean().item())
+
+
 def test_rm_and_dpo_refuse_a_checkpoint_of_another_stage(tmp_path, monkeypatch, capsys):
     prefs, _ = prefs_args(tmp_path), make_tiny_world(tmp_path)  # make_tiny_world's rm.pt; sft.pt stays the same model
     bad = prefs + [f'--sft_ckpt={tmp_path / "rm.pt"}', f'--out_dir={tmp_path / "out"}']
