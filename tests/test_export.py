@@ -38,6 +38,9 @@ def test_export_loads_in_transformers_with_the_same_logits_and_tokens(tmp_path, 
 
     back = GPT.from_pretrained(str(tmp_path / 'hf'))  # init_from=<that directory>
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
+    # the safetensors header is padded to 8 bytes, so every tensor's data starts 8-byte aligned in the file
+    head = (tmp_path / 'hf' / 'model.safetensors').read_bytes()[:8]
+    assert int.from_bytes(head, 'little') % 8 == 0
 
 
 def test_export_refuses_a_reward_model_and_a_directory_of_other_files(tmp_path):
