@@ -297,8 +297,19 @@ def test_exactly_show_skipped_lines_are_listed_without_an_ellipsis(tmp_path, cap
 
 
 def test_subsets_may_end_with_a_comma(tmp_path):
-    out = run(tmp_path, '--subsets=helpful-base,')
+    out = run(tmp_path, '--subsets= helpful-base ,')  # and spaces around the names: 'a, b' as a user would type it
     assert len(loaders.read_jsonl(str(out / 'prefs_train.jsonl'), 'prefs')) == 5
+
+
+def test_blank_lines_and_whitespace_replies(tmp_path, capsys):
+    # a line of spaces or a CRLF file's lone '\r' holds no record: passed over, like an empty line; a reply of
+    # whitespace only is an empty response, skipped and counted
+    blank = json.dumps({'chosen': '\n\nHuman: Hi\n\nAssistant:  \n ', 'rejected': '\n\nHuman: Hi\n\nAssistant: Go away.'})
+    with pytest.raises(ValueError, match='empty response'):
+        parse_hh_line(blank)
+    out = run(tmp_path, raw=raw_dir(tmp_path, train=LINES[:3] + ['   ', '\r', blank] + LINES[3:]))
+    assert len(loaders.read_jsonl(str(out / 'prefs_train.jsonl'), 'prefs')) == 5
+    assert 'train: 5 pairs kept, 5 skipped' in capsys.readouterr().out
 
 
 def test_broken_connection_gives_a_clear_message(tmp_path, monkeypatch):
