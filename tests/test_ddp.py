@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from common import get_tokenizer, model_from_checkpoint, save_checkpoint
-from model import GPT, GPTConfig
 from loaders import batch_indices, read_jsonl, tokenize_prompts
+from model import GPT, GPTConfig
 from scripts import OFFLINE_ENV, ROOT, assert_same_log, read_log, start_python
 from test_ppo import make_tiny_world, write_demonstrations
 from test_reliability import TINY, output, prefs_args, rm_args, sft_args, start
