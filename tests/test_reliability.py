@@ -20,9 +20,10 @@ import time
 import pytest
 import torch
 
-from common import save_checkpoint
+from common import get_tokenizer, save_checkpoint
+from loaders import collate, read_jsonl, tokenize_prefs
 from model import GPT, GPTConfig
-from scripts import ROOT, assert_same_log, finish, read_log, start_python
+from scripts import ROOT, assert_same_log, finish, read_log, script_functions, start_python
 from test_ppo import make_tiny_world, write_demonstrations
 
 ENV = {'OMP_NUM_THREADS': '1'}  # one thread per process: the models are tiny and the CPU is shared
@@ -396,9 +397,6 @@ def test_rm_final_metrics_cover_the_whole_val_and_test_splits(tmp_path):
     # evals during training read eval_batches x batch_size = 16 of the 32 pairs; the final ones, of the weights in
     # best.pt, read every pair of val and test: by hand, the mean Bradley-Terry loss over all 32 (centring in best.pt
     # shifts both rewards of a pair alike, so the loss is the same before and after it)
-    from common import get_tokenizer
-    from loaders import collate, read_jsonl, tokenize_prefs
-    from scripts import script_functions
     args = rm_args(tmp_path)
     data = next(a.removeprefix('--train_file=') for a in args if a.startswith('--train_file='))
     (code, out, err), = run_all([('train_reward_model.py', args + [f'--test_file={data}', f'--out_dir={tmp_path / "out"}'])],
