@@ -184,6 +184,17 @@ def test_ppo_update_statistics_and_step_of_two_processes_match_one(tmp_path):
             assert torch.allclose(w1[key][k], w2[key][k], rtol=0, atol=1e-6), (key, k)
 
 
+def two_ranks_and_their_seeds(script, args, two, one, tmp_path):
+    """script under torchrun (args + two) and, beside it, in one process seeded 1337 and 1338, the seeds its ranks 0
+    and 1 draw from (args + one): the three runs' logs, in that order."""
+    procs = [torchrun(script, args + two + [f'--out_dir={tmp_path / "two"}'], tmp_path)]
+    procs += [start([sys.executable, str(ROOT / script), *args, *one, f'--seed={seed}', f'--out_dir={tmp_path / str(seed)}'],
+                    tmp_path, str(seed)) for seed in (1337, 1338)]
+    for proc, name in zip(procs, ('torchrun', '1337', '1338')):
+        wait(proc, tmp_path, name, ranks=name == 'torchrun')
+    return [read_log(tmp_path / d / 'log.jsonl') for d in ('two', '1337', '1338')]
+
+
 @pytest.mark.parametrize('script, stage, make_args, record', [
     ('train_sft.py', 'sft', sft_args, {'prompt': 'what is 2 plus 3?', 'response': 'it is 5.'}),
     ('train_reward_model.py', 'rm', rm_args, {'prompt': 'is 2 even?', 'chosen': 'yes', 'rejected': 'maybe 2'})])
@@ -203,13 +214,8 @@ def test_ranks_draw_their_own_dropout_masks(tmp_path, script, stage, make_args, 
                         model_args, {}, stage, 0, best_val=float('inf'))
     args = make_args(tmp_path) + [f'--train_file={tmp_path / "same.jsonl"}', '--init_from=resume', '--dropout=0.3',
                                   '--max_steps=1', '--micro_batch_size=4']
-    two = torchrun(script, args + ['--batch_size=8', f'--out_dir={tmp_path / "two"}'], tmp_path)
-    ones = [start([sys.executable, str(ROOT / script), *args, '--batch_size=4', f'--seed={seed}',
-                   f'--out_dir={tmp_path / str(seed)}'], tmp_path, str(seed)) for seed in (1337, 1338)]
-    wait(two, tmp_path, 'torchrun', ranks=True)
-    for seed, proc in zip((1337, 1338), ones):
-        wait(proc, tmp_path, str(seed))
-    both, rank0, rank1 = (curve(read_log(tmp_path / d / 'log.jsonl'), 'train/loss')[0] for d in ('two', '1337', '1338'))
+    logs = two_ranks_and_their_seeds(script, args, ['--batch_size=8'], ['--batch_size=4'], tmp_path)
+    both, rank0, rank1 = (curve(log, 'train/loss')[0] for log in logs)
     assert abs(rank0 - rank1) > 1e-3  # the two seeds draw different masks
     assert both == pytest.approx((rank0 + rank1) / 2, rel=1e-5), (both, rank0, rank1)
 
@@ -223,13 +229,8 @@ def test_ppo_ranks_sample_their_own_rollouts(tmp_path):
     with open(tmp_path / 'same.jsonl', 'w') as f:
         f.writelines('{"prompt": "what is 2 plus 3?"}\n' for _ in range(16))
     args += [f'--prompt_file={tmp_path / "same.jsonl"}', '--max_iters=1', '--ppo_epochs=1', '--micro_batch_size=2']
-    two = torchrun('train_ppo.py', args + ['--batch_size=8', '--mini_batch_size=8', f'--out_dir={tmp_path / "two"}'], tmp_path)
-    ones = [start([sys.executable, str(ROOT / 'train_ppo.py'), *args, '--batch_size=4', '--mini_batch_size=4', f'--seed={seed}',
-                   f'--out_dir={tmp_path / str(seed)}'], tmp_path, str(seed)) for seed in (1337, 1338)]
-    wait(two, tmp_path, 'torchrun', ranks=True)
-    for seed, proc in zip((1337, 1338), ones):
-        wait(proc, tmp_path, str(seed))
-    (both,), (rank0,), (rank1,) = (read_log(tmp_path / d / 'log.jsonl') for d in ('two', '1337', '1338'))
+    (both,), (rank0,), (rank1,) = two_ranks_and_their_seeds('train_ppo.py', args, ['--batch_size=8', '--mini_batch_size=8'],
+                                                            ['--batch_size=4', '--mini_batch_size=4'], tmp_path)
     assert abs(rank0['score'] - rank1['score']) > 1e-3  # the two seeds sample different rollouts
     for k in ('score', 'response_length'):
         assert both[k] == pytest.approx((rank0[k] + rank1[k]) / 2, rel=1e-5, abs=1e-6), (k, both[k], rank0[k], rank1[k])

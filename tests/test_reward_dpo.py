@@ -500,10 +500,10 @@ def rm_metrics(model, pairs, gaps, tie_margin=0.1):
 
 def test_reward_model_logged_metrics_by_hand(world, tmp_path):
     # resumed from step 0 of a reward model whose head is random (not the zero head, whose rewards all tie), at a
-    # learning rate of 1e-9 so the weights hardly move (the rewards are about 7: float32 rounding of 1e-4): each step's logged train metrics are the final model's on
-    # that step's pairs (batch_indices), the val metrics those on the first eval_batches x batch_size val pairs, and
-    # the final ones those of best.pt on every val pair; the gold accuracies count a gold gap of exactly
-    # gold_tie_margin as clear and leave gold ties out
+    # learning rate of 1e-9 so the weights hardly move (the rewards are about 7: float32 rounding of 1e-4): each
+    # step's logged train metrics are the final model's on that step's pairs (batch_indices), the val metrics those
+    # on the first eval_batches x batch_size val pairs, and the final ones those of best.pt on every val pair and
+    # every test pair; the gold accuracies count a gold gap of exactly gold_tie_margin as clear and leave gold ties out
     from common import get_lr
     from loaders import batch_indices
     rng = random.Random(1)
@@ -521,7 +521,7 @@ def test_reward_model_logged_metrics_by_hand(world, tmp_path):
     save_checkpoint(out / 'ckpt.pt', model, model.configure_optimizers(0.1, 1e-9, (0.9, 0.95)), model_args, {}, 'rm', 0,
                     best_val=float('inf'))
     p = run_script('train_reward_model.py', *SYSTEM, '--init_from=resume', f'--train_file={prefs}', f'--val_file={prefs}',
-               '--test_file=', f'--sft_train_file={world}/sft.jsonl', f'--out_dir={out}', '--train_subset=24',
+               f'--test_file={prefs}', f'--sft_train_file={world}/sft.jsonl', f'--out_dir={out}', '--train_subset=24',
                '--batch_size=8', '--micro_batch_size=2', '--max_steps=3', '--learning_rate=1e-9', '--warmup_steps=2',
                '--eval_interval=100', '--eval_batches=1', '--norm_examples=8', env=ONE_THREAD)
     log = read_log(out / 'log.jsonl')
@@ -555,6 +555,8 @@ def test_reward_model_logged_metrics_by_hand(world, tmp_path):
         want = rm_metrics(final_model, pairs[:n], gaps[:n])
         del want['chosen'], want['rejected']  # not logged by an eval
         assert {k: row[f'val/{k}'] for k in want} == pytest.approx(want, rel=1e-4, abs=2e-4), row
+    test = next(row for row in log if 'test/loss' in row)  # the test file is the val file: the same whole-split metrics
+    assert test['final'] and {k: test[f'test/{k}'] for k in want} == pytest.approx(want, rel=1e-4, abs=2e-4), test
     assert 0 < want['accuracy'] < 1 and 0 < want['gold_accuracy'] < 1 and want['gold_accuracy_clear'] != want['gold_accuracy']
     # the summary: the last step's train numbers, best.pt's on every val pair, and the offset
     done = next(line for line in p.stdout.splitlines() if line.startswith('done:'))

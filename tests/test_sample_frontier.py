@@ -397,14 +397,15 @@ def chat(ckpt, questions):
 
 
 def greedy_answers(ckpt):
-    """By hand: the checkpoint's greedy answer (6 new tokens at most) to a prompt text, and the tokenizer."""
+    """By hand: the checkpoint's greedy answer (6 new tokens at most) to a prompt text or its token ids, and the tokenizer."""
     from common import decode_response, encode_prompt, get_tokenizer
     model = GPT(GPTConfig(**ARGS))
     model.load_state_dict(torch.load(ckpt, weights_only=True)['model'])
     enc = get_tokenizer(ARGS['vocab_size'])
 
-    def greedy(text):
-        seq, _, _, mask = model.eval().generate([encode_prompt(enc, text)], 6, enc.eot_token, temperature=0)
+    def greedy(prompt):
+        ids = encode_prompt(enc, prompt) if isinstance(prompt, str) else prompt
+        seq, _, _, mask = model.eval().generate([ids], 6, enc.eot_token, temperature=0)
         return decode_response(enc, seq[0, seq.size(1) - mask.size(1):].tolist())
     return greedy, enc
 
@@ -458,9 +459,10 @@ def test_sample_chat_gold_scores_the_first_question_only(tmp_path):
 
 
 def test_sample_chat_of_several_samples_by_hand(tmp_path):
-    # temperature 1, top_k 50, seed 7 and 2 samples per question, replayed by hand with a generator of that seed: each printed answer, its
-    # token count and the reward model's score at its own last token (the two answers end at different lengths, so
-    # the padded row's last position would give another score), and the next question asked after the FIRST answer
+    # temperature 1, top_k 50, seed 7 and 2 samples per question, replayed by hand with a generator of that seed:
+    # each printed answer, its token count and the reward model's score at its own last token (the two answers end
+    # at different lengths, so the padded row's last position would give another score), and the next question
+    # asked after the FIRST answer
     from common import decode_response, encode_prompt, get_tokenizer, render_prompt, render_response
     torch.manual_seed(0)
     model = GPT(GPTConfig(**ARGS))
@@ -505,16 +507,11 @@ def test_sample_cuts_a_long_prompt_to_its_end(tmp_path):
     question = ' '.join(f'word{i}' for i in range(40)) + '?'
     p = run_script('sample.py', f'--ckpt={ckpt}', f'--prompt={question}', '--temperature=0', '--max_new_tokens=6',
                    '--judge=False', '--device=cpu', '--dtype=float32', timeout=60)
-    from common import decode_response, encode_prompt, render_prompt
+    from common import encode_prompt, render_prompt
     greedy, enc = greedy_answers(ckpt)
     tokens = encode_prompt(enc, render_prompt(question))
     assert len(tokens) > 70 and f"(prompt cut to its last 58 of {len(tokens)} tokens)" in p.stdout
-    model = GPT(GPTConfig(**ARGS))
-    model.load_state_dict(torch.load(ckpt, weights_only=True)['model'])
-    ends = []
-    for kept in (tokens[-58:], tokens[:58]):
-        seq, _, _, mask = model.eval().generate([kept], 6, enc.eot_token, temperature=0)
-        ends.append(decode_response(enc, seq[0, seq.size(1) - mask.size(1):].tolist()))
+    ends = [greedy(tokens[-58:]), greedy(tokens[:58])]
     assert ends[0] != ends[1]  # the two ends of the prompt lead to different answers
     assert f"Assistant: {ends[0]}\n" in p.stdout, p.stdout
 
@@ -557,10 +554,9 @@ def test_frontier_reuses_the_main_runs(tmp_path):
     ('sft.pt', True, '0.05', '--max_iters=5', False), ('sft.pt', True, '0.1', '', True)])
 def test_frontier_trains_anew_unless_the_main_run_is_the_same_run(tmp_path, main_sft, main_done, value, ppo_args, interrupted):
     # a main PPO run (kl_coef 0.05) is reused only when it finished (DONE), for the same SFT model, the same kl_coef
-    # and no extra arguments;
-    # otherwise frontier.py trains the value itself, resuming a run of the sweep that was interrupted (here that run
-    # stops at start-up: the tiny SFT model's context is shorter than train_ppo.py's default prompt and response
-    # lengths, which is all this test needs)
+    # and no extra arguments; otherwise frontier.py trains the value itself, resuming a run of the sweep that was
+    # interrupted (here that run stops at start-up: the tiny SFT model's context is shorter than train_ppo.py's
+    # default prompt and response lengths, which is all this test needs)
     sft = tiny_lm(tmp_path / 'sft.pt')
     (tmp_path / 'ppo').mkdir()
     save_checkpoint(str(tmp_path / 'ppo' / 'ckpt.pt'), GPT(GPTConfig(**ARGS)), None, ARGS,
