@@ -172,6 +172,8 @@ check(0 < max_prompt_len <= base_args['block_size'] - max_new_tokens,
       f"max_prompt_len {max_prompt_len} + max_new_tokens {max_new_tokens} must fit in block_size {base_args['block_size']}")
 prompts = tokenize_prompts(records, enc, max_prompt_len, prompt_file)
 reward_model = load(rm_ckpt, 'rm')[0] if rm_ckpt else None
+check(reward_model is None or reward_model.config.vocab_size == base_args['vocab_size'],
+      f"{rm_ckpt} and {baseline} use different vocabularies")
 check(reward_model is None or reward_model.config.block_size >= max_prompt_len + max_new_tokens,
       f"{rm_ckpt} reads at most {reward_model and reward_model.config.block_size} tokens, fewer than max_prompt_len "
       f"{max_prompt_len} + max_new_tokens {max_new_tokens}")
@@ -188,6 +190,8 @@ if crowd_file:  # the demonstrations, judged as a model's answers are: the promp
 for path in ckpts.split(','):
     model, args, stage = load(path, POLICY_STAGES)
     check(args['vocab_size'] == base_args['vocab_size'], f"{path} and {baseline} use different vocabularies")
+    check(args['block_size'] >= max_prompt_len + max_new_tokens, f"{path} reads at most {args['block_size']} tokens, "
+          f"fewer than max_prompt_len {max_prompt_len} + max_new_tokens {max_new_tokens}")
     name = stage if stage not in results else f"{stage}:{path}"
     texts, ended, responses = sample(model, enc)
     gold, rm, results[name] = judge(texts, ended, responses)

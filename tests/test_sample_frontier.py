@@ -112,6 +112,10 @@ def test_eval_refuses_wrong_checkpoints_and_settings_and_cuts_long_prompts(tmp_p
     other = tmp_path / 'other.jsonl'
     other.write_text(json.dumps({'prompt': QUESTIONS[0]}) + '\n' + json.dumps({'prompt': 'Write a poem about my cat.'}) + '\n')
     save_checkpoint(tmp_path / 'rm_short.pt', GPT(GPTConfig(**short)), None, short, {}, 'rm', 0, reward_offset=0.0)
+    wide = dict(ARGS, vocab_size=1024, scalar_head=True)  # the policy's <|endoftext|> would be an ordinary token to it
+    save_checkpoint(tmp_path / 'rm_wide.pt', GPT(GPTConfig(**wide)), None, wide, {}, 'rm', 0, reward_offset=0.0)
+    short_lm = dict(ARGS, block_size=16)
+    save_checkpoint(tmp_path / 'dpo_short.pt', GPT(GPTConfig(**short_lm)), None, short_lm, {}, 'dpo', 0)
     for args, message in [([f'--ckpts={tmp_path / "rm.pt"}', '--rm_ckpt='], "stage 'rm', expected ('sft', 'ppo', 'dpo')"),
                           ([f'--ckpts={sft}', f'--rm_ckpt={sft}'], "stage 'sft', expected 'rm'"),
                           ([f'--ckpts={sft}', f'--rm_ckpt={tmp_path / "rm_uncentred.pt"}'], 'before it centred the rewards'),
@@ -121,6 +125,10 @@ def test_eval_refuses_wrong_checkpoints_and_settings_and_cuts_long_prompts(tmp_p
                            'max_prompt_len 61 + max_new_tokens 4 must fit in block_size 64'),
                           ([f'--ckpts={sft}', f'--rm_ckpt={tmp_path / "rm_short.pt"}'],
                            'reads at most 16 tokens, fewer than max_prompt_len 60 + max_new_tokens 4'),
+                          ([f'--ckpts={sft}', f'--rm_ckpt={tmp_path / "rm_wide.pt"}'],
+                           f"{tmp_path / 'rm_wide.pt'} and {sft} use different vocabularies"),
+                          ([f'--ckpts={sft},{tmp_path / "dpo_short.pt"}', '--rm_ckpt='],
+                           f"{tmp_path / 'dpo_short.pt'} reads at most 16 tokens, fewer than max_prompt_len 60 + max_new_tokens 4"),
                           ([f'--ckpts={sft},'], f"ckpts '{sft},' has an empty name (a stray comma?)"),
                           ([f'--ckpts={sft}', '--tie_margin=-1.0'], 'tie_margin must be >= 0, got -1.0'),
                           ([f'--ckpts={sft}', '--n_samples=-1'], 'need batch_size > 0 and n_samples >= 0'),
