@@ -268,8 +268,8 @@ def _reopen_log(out_dir, resume_from):
 
 
 def check_device(device):
-    check(device == 'cpu' or device == 'mps' or re.fullmatch(r'cuda(:\d+)?', device) is not None,
-          f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
+    check(device == 'cpu' or re.fullmatch(r'cuda(:\d+)?', device) is not None,  # no 'mps': untested, and its lack of float64
+          f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")              # would stop the RM and DPO metrics
     check(not device.startswith('cuda') or torch.cuda.is_available(),
           f"device {device!r}, but this PyTorch sees no CUDA GPU: use --device=cpu")
 

@@ -113,7 +113,7 @@ check(loss_type in ('sigmoid', 'ipo'), f"loss_type must be 'sigmoid' or 'ipo', g
 check(beta > 0 and 0 <= label_smoothing < 0.5, "need beta > 0 and 0 <= label_smoothing < 0.5")
 check(label_smoothing == 0 or loss_type == 'sigmoid', "label_smoothing applies to loss_type='sigmoid' only")
 check(batch_size > 0 and micro_batch_size > 0 and max_steps >= 0, "need batch_size, micro_batch_size > 0 and max_steps >= 0")
-check(learning_rate > 0 and grad_clip >= 0, "need learning_rate > 0 and grad_clip >= 0")
+check(learning_rate > 0 and 0 <= min_lr_ratio <= 1 and grad_clip >= 0, "need learning_rate > 0, 0 <= min_lr_ratio <= 1, grad_clip >= 0")
 check(block_size >= 2, f"block_size must be >= 2 (a prompt token and a response token), got {block_size}")
 check(train_subset >= 0 and weight_decay >= 0 and 0 <= beta1 < 1 and 0 <= beta2 < 1,
       "need train_subset >= 0 (0: all), weight_decay >= 0, 0 <= beta1, beta2 < 1")

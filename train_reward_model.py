@@ -99,12 +99,13 @@ grad_checkpoint = False                       # recompute activations in the bac
 config = configure(globals())
 check(init_from in ('sft', 'resume'), f"init_from must be 'sft' or 'resume', got {init_from!r}")
 check(batch_size > 0 and micro_batch_size > 0 and max_steps >= 0, "need batch_size, micro_batch_size > 0 and max_steps >= 0")
-check(learning_rate > 0 and grad_clip >= 0 and 0 <= dropout < 1, "need learning_rate > 0, grad_clip >= 0, 0 <= dropout < 1")
+check(learning_rate > 0 and 0 <= min_lr_ratio <= 1 and grad_clip >= 0 and 0 <= dropout < 1,
+      "need learning_rate > 0, 0 <= min_lr_ratio <= 1, grad_clip >= 0, 0 <= dropout < 1")
 check(block_size >= 2, f"block_size must be >= 2 (a prompt token and a response token), got {block_size}")
 check(train_subset >= 0 and weight_decay >= 0 and 0 <= beta1 < 1 and 0 <= beta2 < 1,
       "need train_subset >= 0 (0: all), weight_decay >= 0, 0 <= beta1, beta2 < 1")
-check(eval_interval > 0 and eval_batches >= 0 and norm_examples > 0 and warmup_steps >= 0,
-      "need eval_interval > 0, eval_batches >= 0, norm_examples > 0, warmup_steps >= 0")
+check(eval_interval > 0 and eval_batches >= 0 and norm_examples > 0 and warmup_steps >= 0 and gold_tie_margin >= 0,
+      "need eval_interval > 0, eval_batches >= 0, norm_examples > 0, warmup_steps >= 0, gold_tie_margin >= 0")
 
 # -----------------------------------------------------------------------------
 # set-up: processes, device, precision

@@ -79,7 +79,8 @@ grad_checkpoint = False                       # recompute activations in the bac
 # -----------------------------------------------------------------------------
 config = configure(globals())
 check(batch_size > 0 and micro_batch_size > 0 and max_steps > 0, "batch_size, micro_batch_size and max_steps must be > 0")
-check(learning_rate > 0 and grad_clip >= 0 and 0 <= dropout < 1, "need learning_rate > 0, grad_clip >= 0, 0 <= dropout < 1")
+check(learning_rate > 0 and 0 <= min_lr_ratio <= 1 and grad_clip >= 0 and 0 <= dropout < 1,
+      "need learning_rate > 0, 0 <= min_lr_ratio <= 1, grad_clip >= 0, 0 <= dropout < 1")
 check(eval_interval > 0 and eval_batches >= 0 and warmup_steps >= 0, "need eval_interval > 0, eval_batches >= 0, warmup_steps >= 0")
 check(init_from in ('scratch', 'resume') or init_from in HF_REPOS or os.path.isdir(init_from),
       f"init_from must be 'scratch', 'resume', one of {', '.join(HF_REPOS)} or a directory with GPT-2 weights, got {init_from!r}")

@@ -282,7 +282,7 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path):
 
 @pytest.mark.parametrize('script, args, message', [
     ('train_ppo.py', ['--init_from=rsume'], "init_from must be 'sft' or 'resume', got 'rsume'"),
-    ('train_sft.py', ['--device=gpu'], "device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got 'gpu'"),
+    ('train_sft.py', ['--device=gpu'], "device must be 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
     ('train_sft.py', ['--train_file=data/hh_rlhf/no_such.jsonl'],
      'error: data/hh_rlhf/no_such.jsonl: cannot read the file: No such file or directory; make it with python data/hh_rlhf/prepare.py\n'),
     ('eval.py', ['--prompt_file=no/such.jsonl'], 'error: no/such.jsonl: cannot read the file: No such file or directory\n'),
@@ -385,7 +385,7 @@ def test_setup_refuses_float16_training_and_unknown_devices(capsys):
     with pytest.raises(SystemExit) as e:
         setup('cpu', 'float16', 0)
     assert e.value.code == 2 and 'float16 training needs loss scaling' in capsys.readouterr().err
-    for device in ('cudax', 'cuda:0x', 'cpu0'):
+    for device in ('cudax', 'cuda:0x', 'cpu0', 'mps'):
         with pytest.raises(SystemExit):
             check_device(device)
-        assert f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got '{device}'" in capsys.readouterr().err
+        assert f"device must be 'cpu', 'cuda' or 'cuda:N', got '{device}'" in capsys.readouterr().err

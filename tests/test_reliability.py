@@ -312,6 +312,8 @@ def test_bad_config_fails_at_startup(tmp_path, monkeypatch, capsys):
         ('sft: no layers', 'train_sft.py', sft + ['--n_layer=0', out], 'need n_layer, n_head, n_embd > 0'),
         ('sft: beta1 2', 'train_sft.py', sft + ['--beta1=2.0', out], '0 <= beta1, beta2 < 1'),
         ('sft: negative subset', 'train_sft.py', sft + ['--train_subset=-5', out], 'train_subset >= 0'),
+        # a negative min_lr_ratio made the late learning rate negative: gradient ascent, silently
+        ('sft: min_lr_ratio < 0', 'train_sft.py', sft + ['--min_lr_ratio=-2.0', out], '0 <= min_lr_ratio <= 1'),
         ('ppo: mini_batch_size 0', 'train_ppo.py', ppo + ['--mini_batch_size=0', out], 'mini_batch_size, micro_batch_size must be > 0'),
         ('ppo: micro_batch_size 0', 'train_ppo.py', ppo + ['--micro_batch_size=0', out], 'mini_batch_size, micro_batch_size must be > 0'),
         ('ppo: learning rate < 0', 'train_ppo.py', ppo + ['--learning_rate=-1.0', out], 'need learning_rate > 0'),
@@ -326,9 +328,11 @@ def test_bad_config_fails_at_startup(tmp_path, monkeypatch, capsys):
         cases.append((f'{script}: batch not divisible', script, prefs + ['--micro_batch_size=3', out], 'divisible'))
         cases.append((f'{script}: block_size 1', script, prefs + ['--block_size=1', out], 'block_size must be >= 2'))
         cases.append((f'{script}: beta2 1', script, prefs + ['--beta2=1.0', out], '0 <= beta1, beta2 < 1'))
+        cases.append((f'{script}: min_lr_ratio > 1', script, prefs + ['--min_lr_ratio=1.5', out], '0 <= min_lr_ratio <= 1'))
         rm_files = ['--test_file=', f'--sft_train_file={tmp_path / "sft.jsonl"}'] if script == 'train_reward_model.py' else []
         cases.append((f'{script}: fewer pairs than a batch', script, prefs + rm_files + ['--batch_size=64', out],
                       'prefs.jsonl: 32 pairs, fewer than one batch of 64'))  # prefs_args writes 32
+    cases.append(('rm: gold_tie_margin < 0', 'train_reward_model.py', prefs + ['--gold_tie_margin=-0.1', out], 'gold_tie_margin >= 0'))
     failures = startup_failures(cases, monkeypatch, capsys)
     assert not failures, '\n\n'.join(failures)
     assert not (tmp_path / 'out').exists()  # nothing written
