@@ -88,11 +88,11 @@ def gae(rewards, values, response_mask, gamma, lam):
 
 
 def whiten(x, mask, ddp=False):
-    """(x - mean) / std over valid tokens; with DDP the statistics are gathered over all ranks."""
-    stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()])
-    stats = all_reduce_mean(stats, ddp)
-    mean = stats[0] / stats[2]
-    var = stats[1] / stats[2] - mean ** 2
+    """(x - mean) / std over valid tokens; with DDP the statistics are gathered over all ranks. Two passes, the
+    mean and then the mean square around it: E[x^2] - mean^2 in float32 loses the variance of a large mean."""
+    total = all_reduce_mean(torch.stack([(x * mask).sum(), mask.sum()]), ddp)
+    mean = total[0] / total[1]
+    var = all_reduce_mean(((x - mean) ** 2 * mask).sum(), ddp) / total[1]
     return (x - mean) * torch.rsqrt(var.clamp(min=1e-8)) * mask
 
 
@@ -127,8 +127,8 @@ def ptx_loss(logprobs, mask):
 def explained_variance(values, returns, mask):
     """1 - Var(R - V) / Var(R) over the response tokens: the share of the returns' variance the value model
     predicts (1: all of it, 0: no better than their mean, below 0: worse). A diagnostic, logged."""
-    m = mask.bool()
-    return 1 - (returns - values)[m].var() / returns[m].var().clamp(min=1e-8)
+    m = mask.bool()  # population variances: the same ratio, and defined for a single token too
+    return 1 - (returns - values)[m].var(correction=0) / returns[m].var(correction=0).clamp(min=1e-8)
 
 
 def kl_estimators(logprobs, ref_logprobs):
@@ -202,7 +202,8 @@ check(temperature > 0, f"temperature must be > 0 (sampling is pure sampling at t
 check(0 <= gamma <= 1 and 0 <= lam <= 1, "gamma and lam must be in [0, 1]")
 check(cliprange > 0 and cliprange_value > 0 and vf_coef >= 0, "need cliprange, cliprange_value > 0 and vf_coef >= 0")
 check(ptx_coef >= 0, f"ptx_coef must be >= 0 (0: no PPO-ptx), got {ptx_coef}")
-check(target_kl > 0 and kl_horizon > 0, "target_kl and kl_horizon must be > 0")
+check(target_kl > 0 and kl_horizon > 0.2 * batch_size,  # adaptive_kl's factor 1 - 0.2 * batch_size / kl_horizon stays > 0
+      f"need target_kl > 0 and kl_horizon > 0.2 x batch_size {batch_size}, got {target_kl} and {kl_horizon}")
 check(init_from in ('sft', 'resume'), f"init_from must be 'sft' or 'resume', got {init_from!r}")
 check(decode in ('dynamic', 'static', 'compiled'), f"decode must be 'dynamic', 'static' or 'compiled', got {decode!r}")
 check(max_iters > 0 and ppo_epochs > 0 and max_prompt_len > 0 and max_new_tokens > 0, "sizes must be > 0")

@@ -120,6 +120,10 @@ def test_whiten_over_valid_tokens():
     assert abs(valid.mean()) < 1e-5
     assert abs(valid.pow(2).mean() - 1) < 1e-4  # population variance 1
     assert torch.all(w[~mask.bool()] == 0)
+    # a large mean and a small spread in float32: E[x^2] - mean^2 would lose the variance to rounding
+    w = ppo.whiten(x * 0.01 + 300, mask)
+    assert abs(w[mask.bool()].pow(2).mean() - 1) < 0.02
+    assert torch.allclose(w, ppo.whiten(x, mask), atol=0.02)  # the same tokens, shifted and scaled
 
 
 def test_explained_variance_over_response_tokens():
@@ -132,6 +136,8 @@ def test_explained_variance_over_response_tokens():
     assert ppo.explained_variance(v, returns, mask).item() == pytest.approx(0.0, abs=1e-6)
     v = torch.tensor([[2.0, 2.0, 2.0], [5.0, 5.0, -50.0]])  # residuals -1, 0, 1, -1, 0: variance 0.7
     assert ppo.explained_variance(v, returns, mask).item() == pytest.approx(1 - 0.7 / 2.5, rel=1e-6)
+    one = torch.tensor([[1.0, 0.0, 0.0]])  # a batch of one response of one token: 1 - 0 / 1e-8, not NaN and a warning
+    assert ppo.explained_variance(v[:1], returns[:1], one).item() == 1.0
 
 
 def test_ptx_loss_is_the_mean_nll_of_the_masked_tokens():

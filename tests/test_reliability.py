@@ -317,6 +317,9 @@ def test_bad_config_fails_at_startup(tmp_path, monkeypatch, capsys):
         ('ppo: mini_batch_size 0', 'train_ppo.py', ppo + ['--mini_batch_size=0', out], 'mini_batch_size, micro_batch_size must be > 0'),
         ('ppo: micro_batch_size 0', 'train_ppo.py', ppo + ['--micro_batch_size=0', out], 'mini_batch_size, micro_batch_size must be > 0'),
         ('ppo: learning rate < 0', 'train_ppo.py', ppo + ['--learning_rate=-1.0', out], 'need learning_rate > 0'),
+        # the adaptive controller's factor 1 + e * batch_size / kl_horizon, e down to -0.2, would turn kl_coef negative
+        ('ppo: kl_horizon under batch_size / 5', 'train_ppo.py', ppo + ['--adaptive_kl_ctl=True', '--kl_horizon=1', out],
+         'kl_horizon > 0.2 x batch_size 8'),
         ('ppo: gold judge typo', 'train_ppo.py', ppo + ['--gold_judge=tiny', out], "gold_judge must be 'tinyhh' or ''"),
         ('ppo: reward model shorter than the rollout', 'train_ppo.py', ppo + [f'--rm_ckpt={short_rm(tmp_path)}', out],
          f"max_prompt_len 24 + max_new_tokens 16 > {tmp_path / 'rm32.pt'}'s block_size 32"),
