@@ -305,6 +305,8 @@ class GPT(nn.Module):
         assert min(len(p) for p in prompts) > 0, "every prompt needs at least one token"
         assert P + max_new_tokens <= cfg.block_size, f"prompt {P} + {max_new_tokens} new tokens > block_size {cfg.block_size}"
         assert decode in ('dynamic', 'static', 'compiled'), f"decode must be dynamic, static or compiled, got {decode!r}"
+        assert temperature >= 0 and (top_p is None or 0 < top_p <= 1) and (top_k is None or top_k >= 0), \
+            f"need temperature >= 0 (0: greedy), 0 < top_p <= 1, top_k >= 0, got {temperature}, {top_p}, {top_k}"
         static = decode != 'dynamic'
         T_max = (cache_len or cfg.block_size) if static else P + max_new_tokens  # static: the same shapes for every batch
         assert P + max_new_tokens <= T_max <= cfg.block_size, \

@@ -503,6 +503,10 @@ def test_a_sequence_may_fill_the_whole_block():
         torch.testing.assert_close(logprobs[i], torch.tensor(lps), atol=1e-4, rtol=0)
     with pytest.raises(AssertionError, match='block_size'):
         model.generate(prompts, 5, eos_id=eos_id, temperature=0)
+    # settings that sampled at temperature 1 (a negative temperature) or from no token at all (top_p 0)
+    for bad in (dict(temperature=-0.5), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1)):
+        with pytest.raises(AssertionError, match='need temperature >= 0 .0: greedy., 0 < top_p <= 1, top_k >= 0'):
+            model.generate(prompts, 4, eos_id=eos_id, **bad)
     with torch.no_grad():  # causality: the first 10 positions of a whole block are those of the first 10 tokens
         assert torch.allclose(model(seq[:1])[0][0, :10], model(seq[:1, :10])[0][0], atol=1e-5)
     with pytest.raises(AssertionError, match='block_size'):
