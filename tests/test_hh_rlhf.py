@@ -130,14 +130,15 @@ def run(tmp_path, *args, raw=None):
 
 def test_prepare_writes_files_loaders_accept(tmp_path, capsys):
     out = run(tmp_path)
-    prefs = loaders.read_jsonl(str(out / 'prefs_train.jsonl'), 'prefs')
-    assert [(r['prompt'], r['chosen'], r['rejected']) for r in prefs] == [PARSED[i] for i in (1, 2, 3, 7, 8)]
+    prefs = [(r['prompt'], r['chosen'], r['rejected']) for r in loaders.read_jsonl(str(out / 'prefs_train.jsonl'), 'prefs')]
+    assert sorted(prefs) == sorted(PARSED[i] for i in (1, 2, 3, 7, 8))  # in a shuffled order
     sft = loaders.read_jsonl(str(out / 'sft_train.jsonl'), 'sft')
-    assert [(r['prompt'], r['response']) for r in sft] == [PARSED[i][:2] for i in (1, 2, 3, 7, 8)]
+    assert [(r['prompt'], r['response']) for r in sft] == [(p, c) for p, c, _ in prefs]  # the same order
     rl = loaders.read_jsonl(str(out / 'rl_prompts.jsonl'), 'rl')
-    assert [r['prompt'] for r in rl] == [FRANCE, BREAD, FRENCH, '\n\nHuman: Say hello.\n\nAssistant:']
+    assert [r['prompt'] for r in rl] == list(dict.fromkeys(p for p, _, _ in prefs))  # FRANCE once
+    assert sorted(r['prompt'] for r in rl) == sorted([FRANCE, BREAD, FRENCH, '\n\nHuman: Say hello.\n\nAssistant:'])
     test = loaders.read_jsonl(str(out / 'prefs_test.jsonl'), 'prefs')
-    assert [(r['prompt'], r['chosen'], r['rejected']) for r in test] == [PARSED[i] for i in (1, 2, 3)]
+    assert sorted((r['prompt'], r['chosen'], r['rejected']) for r in test) == sorted(PARSED[i] for i in (1, 2, 3))
     assert len(loaders.read_jsonl(str(out / 'sft_test.jsonl'), 'sft')) == 3
     assert not (out / 'raw').exists()  # nothing downloaded
 
@@ -158,7 +159,9 @@ def test_prepared_text_is_the_chat_template(tmp_path):
     enc = get_tokenizer()
     out = run(tmp_path)
     records = loaders.read_jsonl(str(out / 'prefs_train.jsonl'), 'prefs')
-    for (p, c, r), rec, lineno in zip(loaders.tokenize_prefs(records, enc, 1024), records, (1, 2, 3, 7, 8)):
+    line_of = {v: k for k, v in PARSED.items()}
+    for (p, c, r), rec in zip(loaders.tokenize_prefs(records, enc, 1024), records):
+        lineno = line_of[rec['prompt'], rec['chosen'], rec['rejected']]
         original = json.loads(LINES[lineno - 1])
         assert c[-1] == r[-1] == enc.eot_token
         if lineno == 7:  # '  Hello!' had two leading spaces; the template renders exactly one
@@ -294,6 +297,32 @@ def test_exactly_show_skipped_lines_are_listed_without_an_ellipsis(tmp_path, cap
     run(tmp_path, raw=raw_dir(tmp_path, train=LINES + [LINES[3]]))  # identical pairs on lines 4, 9 and 10
     gz = tmp_path / 'raw' / 'helpful-base' / 'train.jsonl.gz'
     assert f'3 skipped, chosen and rejected are identical: {gz}:4, {gz}:9, {gz}:10\n' in capsys.readouterr().out
+
+
+def test_pairs_are_written_in_a_seeded_shuffle_of_all_subsets(tmp_path, capsys):
+    """Read subset after subset, the first N pairs of a file (what a validation subset or the reward model's
+    centring takes) would all come from the first subset."""
+    def pair(subset, i):
+        return json.dumps({'chosen': f'\n\nHuman: {subset} question {i}?\n\nAssistant: Good answer {i}.',
+                           'rejected': f'\n\nHuman: {subset} question {i}?\n\nAssistant: Bad answer {i}.'})
+    for subset in ('harmless-base', 'helpful-base'):
+        d = tmp_path / 'raw' / subset
+        d.mkdir(parents=True)
+        for split in ('train', 'test'):
+            (d / f'{split}.jsonl').write_text('\n'.join(pair(subset, i) for i in range(50)) + '\n')
+
+    def written(seed, out):
+        prepare.main([f'--raw_dir={tmp_path / "raw"}', f'--out_dir={tmp_path / out}', '--subsets=harmless-base,helpful-base',
+                      f'--seed={seed}'])
+        return [r['prompt'] for r in loaders.read_jsonl(str(tmp_path / out / 'prefs_test.jsonl'), 'prefs')]
+    first = written(1337, 'a')
+    assert sorted(first) == sorted(f'\n\nHuman: {s} question {i}?\n\nAssistant:' for s in ('harmless-base', 'helpful-base')
+                                   for i in range(50))
+    assert 5 <= sum('harmless' in p for p in first[:20]) <= 15  # both subsets in the first 20
+    assert written(1337, 'b') == first and written(1, 'c') != first  # the seed fixes the order
+    with pytest.raises(SystemExit, match="subsets names a subset twice: 'helpful-base,harmless-base,helpful-base'"):
+        prepare.main([f'--raw_dir={tmp_path / "raw"}', f'--out_dir={tmp_path / "d"}',
+                      '--subsets=helpful-base,harmless-base,helpful-base'])
 
 
 def test_subsets_may_end_with_a_comma(tmp_path):

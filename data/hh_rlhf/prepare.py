@@ -9,6 +9,8 @@ DIR/{subset}/{split}.jsonl.gz or DIR/{subset}/{split}.jsonl. Writes into out_dir
   prefs_train.jsonl, prefs_test.jsonl  {"prompt", "chosen", "rejected"}
   sft_train.jsonl, sft_test.jsonl      {"prompt", "response"}: the chosen side of the same pairs
   rl_prompts.jsonl                     {"prompt"}: the train prompts, deduplicated
+The pairs of a split are written in a seeded random order, not subset after subset: the first N
+of a file (a validation subset, the reward model's centring demonstrations) then mix every subset.
 Each HH line holds two conversations, {"chosen": ..., "rejected": ...}, meant to differ only in
 the last Assistant reply. The prompt is the text up to and including the last "\\n\\nAssistant:";
 a response is the rest, less its one leading space. A pair we cannot use (the conversations
@@ -21,6 +23,7 @@ import gzip
 import http.client
 import json
 import os
+import random
 import sys
 import urllib.request
 
@@ -31,6 +34,7 @@ from configurator import configure  # noqa: E402
 out_dir = 'data/hh_rlhf'  # where the JSONL files are written
 raw_dir = ''  # files downloaded by hand: DIR/{subset}/{split}.jsonl.gz or .jsonl; '' downloads them
 subsets = 'harmless-base,helpful-base,helpful-online,helpful-rejection-sampled'  # comma-separated
+seed = 1337  # the order of the pairs written: a shuffle of all subsets together
 
 SUBSETS = ('harmless-base', 'helpful-base', 'helpful-online', 'helpful-rejection-sampled')
 SPLITS = ('train', 'test')
@@ -142,10 +146,12 @@ def write_jsonl(path, records):
 
 def main(argv=None):
     """argv: --key=value overrides (sys.argv when None). Exits with a message on bad input."""
-    cfg = configure({'__file__': __file__, 'out_dir': out_dir, 'raw_dir': raw_dir, 'subsets': subsets}, argv)
+    cfg = configure({'__file__': __file__, 'out_dir': out_dir, 'raw_dir': raw_dir, 'subsets': subsets, 'seed': seed}, argv)
     names = [s.strip() for s in cfg['subsets'].split(',') if s.strip()]
     if not names or any(s not in SUBSETS for s in names):
         sys.exit(f"subsets must be a comma-separated list of {', '.join(SUBSETS)}; got {cfg['subsets']!r}")
+    if len(set(names)) < len(names):  # its pairs would be written twice
+        sys.exit(f"subsets names a subset twice: {cfg['subsets']!r}")
     raw = cfg['raw_dir'] or os.path.join(cfg['out_dir'], 'raw')
     if not cfg['raw_dir']:
         download(raw, names)
@@ -155,6 +161,7 @@ def main(argv=None):
             sys.exit(f"{split}: no usable pairs in {raw}")
     os.makedirs(cfg['out_dir'], exist_ok=True)
     for split, (pairs, skipped) in splits.items():
+        random.Random(cfg['seed']).shuffle(pairs)  # read subset after subset: the first N would all be harmless-base
         print(f"{split}: {len(pairs)} pairs kept, {sum(map(len, skipped.values()))} skipped")
         for reason, where in skipped.items():
             more = ', ...' if len(where) > SHOW else ''
