@@ -189,6 +189,10 @@ def reference_logps(pairs, indices):
 # out_dir/log.jsonl, one JSON row per step, by rank 0: opened before the reference's log-probs are
 # precomputed, which can take minutes
 log = open_log(out_dir, start_step, master, ddp, device)
+# the val pairs this process evaluates, micro-batch by micro-batch: its share of the first eval_batches x batch_size
+val_stop = len(val) if eval_batches == 0 else min(len(val), eval_batches * batch_size)
+val_batches = [list(range(i, min(i + micro_batch_size, val_stop)))
+               for i in range(rank * micro_batch_size, val_stop, micro_batch_size * world_size)]
 ref_train = ref_val = None
 if precompute_ref_logps:
     t = time.time()
@@ -196,13 +200,14 @@ if precompute_ref_logps:
     # under DDP each process computes its own share
     used = sorted({i for step in range(start_step, max_steps)
                    for i in batch_indices(len(train), batch_size, step, seed, rank, world_size)})
-    ref_train, ref_val = reference_logps(train, used), reference_logps(val, list(range(len(val))))
+    used_val = [i for indices in val_batches for i in indices]
+    ref_train, ref_val = reference_logps(train, used), reference_logps(val, used_val)
     del ref_model  # from here on the reference is these 2 (N_train + N_val) numbers
     ref_model = None
     if device_type == 'cuda':
         torch.cuda.empty_cache()
     if master:
-        print(f"reference log-probs of {len(used)} train and {len(val)} val pairs precomputed in {time.time() - t:.0f} s; "
+        print(f"reference log-probs of {len(used)} train and {len(used_val)} val pairs precomputed in {time.time() - t:.0f} s; "
               f"reference model freed")
 
 
@@ -244,9 +249,7 @@ def evaluate():
     however many processes share them."""
     model.eval()
     sums = torch.zeros(len(METRICS), device=device, dtype=torch.float64)
-    stop = len(val) if eval_batches == 0 else min(len(val), eval_batches * batch_size)
-    for i in range(rank * micro_batch_size, stop, micro_batch_size * world_size):
-        indices = list(range(i, min(i + micro_batch_size, stop)))
+    for indices in val_batches:
         (chosen, rejected), (ref_chosen, ref_rejected) = pair_logps(model, [val[j] for j in indices], indices, ref_val)
         losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type, label_smoothing)
         sums += pair_stats(losses, chosen_rewards, rejected_rewards, chosen, rejected)

@@ -86,14 +86,16 @@ def test_sft_two_processes_match_one(tmp_path):
 
 # the reward head's bias adds the same constant to both rewards of a pair, so the Bradley-Terry
 # loss does not depend on it: its gradient is rounding noise, which Adam scales up to steps of the
-# learning rate's size, different on 1 and 2 processes (the centring at the end removes it)
-@pytest.mark.parametrize('script, stage, make_args, keys, free', [
-    ('train_dpo.py', 'dpo', prefs_args, ['train/loss', 'train/rewards/margins', 'grad_norm', 'val/loss'], ()),
+# learning rate's size, different on 1 and 2 processes (the centring at the end removes it). DPO's two
+# processes precompute the reference's log-probs, each of its own share of the train and val pairs
+@pytest.mark.parametrize('script, stage, make_args, keys, free, two_only', [
+    ('train_dpo.py', 'dpo', prefs_args, ['train/loss', 'train/rewards/margins', 'grad_norm', 'val/loss'], (),
+     ['--precompute_ref_logps=True']),
     ('train_reward_model.py', 'rm', rm_args, ['train/loss', 'train/margin', 'grad_norm', 'val/loss', 'val/accuracy'],
-     ('scalar_head.bias',))])
-def test_preference_stages_two_processes_match_one(tmp_path, script, stage, make_args, keys, free):
+     ('scalar_head.bias',), [])])
+def test_preference_stages_two_processes_match_one(tmp_path, script, stage, make_args, keys, free, two_only):
     args = make_args(tmp_path)
-    two = torchrun(script, args + ['--micro_batch_size=1', f'--out_dir={tmp_path / "two"}'], tmp_path)
+    two = torchrun(script, args + two_only + ['--micro_batch_size=1', f'--out_dir={tmp_path / "two"}'], tmp_path)
     one = start([sys.executable, str(ROOT / script), *args, '--micro_batch_size=4', f'--out_dir={tmp_path / "one"}'],
                 tmp_path, 'one')
     wait(one, tmp_path, 'one')
