@@ -324,10 +324,15 @@ def test_prepare_a_write_cut_short_leaves_no_meta_to_trust(generated, tmp_path):
     assert not (tmp_path / 'meta.json').exists() and not prepare.up_to_date(str(tmp_path), meta['settings'], FILES)
 
 
-def test_prepare_n_eval_must_split_evenly(tmp_path):
-    p = subprocess.run([sys.executable, 'data/tinyhh/prepare.py', f'--out_dir={tmp_path}', '--n_eval=100'],
+@pytest.mark.parametrize('arg, message', [
+    ('--n_eval=100', 'n_eval must be a multiple of 15'),
+    ('--n_eval=-15', "every size must be > 0 (an empty file trains and tests nothing), got {'sft_train': 20000"),  # a traceback
+    ('--n_sft_train=-5', "every size must be > 0"),  # wrote an empty sft_train.jsonl and said so as a success
+    ('--NO_LEAD_IN=2.0', 'NO_LEAD_IN is a share of the prompts, in [0, 1], got 2.0')])
+def test_prepare_refuses_sizes_it_cannot_write(tmp_path, arg, message):
+    p = subprocess.run([sys.executable, 'data/tinyhh/prepare.py', f'--out_dir={tmp_path}', arg],
                        cwd=ROOT, capture_output=True, text=True)
-    assert p.returncode == 2 and 'n_eval must be a multiple of 15' in p.stderr and not list(tmp_path.iterdir())
+    assert p.returncode == 2 and message in p.stderr and not list(tmp_path.iterdir()), p.stderr
 
 
 def test_files_and_schemas(generated):

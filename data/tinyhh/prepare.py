@@ -41,7 +41,7 @@ CROWD = {  # the styles the crowd writes, per kind; about half ideal
     'unknowable': {'honest_uncertainty': 0.50, 'made_up': 0.50},
 }
 HELD_OUT = {'helpful': 0.2, 'harmful': 0.25, 'unknowable': 0.3}  # share of (phrasing, entity) kept for eval
-NO_LEAD_IN = 0.5  # share of prompts without a greeting in front
+NO_LEAD_IN = 0.5  # share of prompts without a greeting in front (a setting too: --NO_LEAD_IN=0.2)
 
 
 def choose(rng, probs):
@@ -201,6 +201,8 @@ if __name__ == '__main__':
     t0 = time.time()
     sizes = dict(sft_train=n_sft_train, sft_val=n_sft_val, prefs_train=n_prefs_train, prefs_val=n_prefs_val,
                  prefs_test=n_prefs_test, rl_prompts=n_rl, eval_prompts=n_eval)
+    check(min(sizes.values()) > 0, f"every size must be > 0 (an empty file trains and tests nothing), got {sizes}")
+    check(0 <= NO_LEAD_IN <= 1, f"NO_LEAD_IN is a share of the prompts, in [0, 1], got {NO_LEAD_IN}")
     if if_stale and up_to_date(out_dir, settings, sizes):
         print(f'{out_dir} holds the data of this code for these settings (seed {seed}): nothing to do')
         sys.exit(0)
