@@ -167,13 +167,31 @@ def load_checkpoint(path, stage=None, hint=''):
     return ckpt
 
 
-def require_checkpoint(path, stage, hint=''):
+# what a resumed run may set otherwise than the run it resumes: where and how fast it runs, how long (max_steps
+# extends or shortens the schedule), how often it evaluates and saves, and the model's shape (read from the checkpoint)
+RESUME_MAY_CHANGE = ('out_dir', 'init_from', 'max_steps', 'max_iters', 'micro_batch_size', 'device', 'dtype', 'compile',
+                     'tf32', 'flash_attention', 'pin_memory', 'grad_checkpoint', 'decode', 'rollout_logprobs',
+                     'precompute_ref_logps', 'skip_nonfinite', 'eval_interval', 'eval_batches', 'ckpt_interval',
+                     'sample_interval', 'gold_judge', 'test_file', 'n_layer', 'n_head', 'n_embd', 'vocab_size')
+
+
+def require_checkpoint(path, stage, hint='', resume_config=None):
     """load_checkpoint at a script's start-up: a missing file or a checkpoint of another stage is a
-    bad setting like any other, so the script ends with 'config error: ...', exit code 2, no traceback."""
+    bad setting like any other, so the script ends with 'config error: ...', exit code 2, no traceback.
+    resume_config: this run's config, resuming the checkpoint's run. Any other value of a setting that shapes
+    the run (data, batch, seed, schedule, optimizer, loss) is refused: a resumed run continues the same run, and
+    a shorter command line would otherwise silently train on the defaults."""
     try:
-        return load_checkpoint(path, stage, hint)
+        ckpt = load_checkpoint(path, stage, hint)
     except (FileNotFoundError, ValueError) as e:
         check(False, str(e))
+    if resume_config is not None:
+        saved = ckpt.get('config', {})
+        changed = [f"{k} {saved[k]!r} (now {v!r})" for k, v in resume_config.items()
+                   if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != v]
+        check(not changed, f"{path} was trained with {', '.join(changed)}: a resumed run continues that run, so "
+              f"give it the same settings (or start a new run in another out_dir)")
+    return ckpt
 
 
 def require_reward_model(path, hint=''):

@@ -136,7 +136,7 @@ sft = require_checkpoint(sft_ckpt, stage='sft',
 ref_model, model_args = model_from_checkpoint(sft, dropout=0.0)
 ref_model.to(device).eval().requires_grad_(False)
 if init_from == 'resume':
-    ckpt = require_checkpoint(ckpt_path, stage='dpo', hint=f"nothing to resume in {out_dir}")
+    ckpt = require_checkpoint(ckpt_path, stage='dpo', hint=f"nothing to resume in {out_dir}", resume_config=config)
     model, _ = model_from_checkpoint(ckpt, dropout=0.0)
     start_step, best_val = ckpt['step'], ckpt['best_val']
 else:

@@ -241,7 +241,8 @@ value_model, value_args = model_from_checkpoint(rm)
 del sft, rm
 start_iter = 0
 if init_from == 'resume':
-    ckpt = require_checkpoint(os.path.join(out_dir, 'ckpt.pt'), stage='ppo', hint=f"nothing to resume in {out_dir}")
+    ckpt = require_checkpoint(os.path.join(out_dir, 'ckpt.pt'), stage='ppo', hint=f"nothing to resume in {out_dir}",
+                              resume_config=config)
     policy.load_state_dict(ckpt['model'])
     value_model.load_state_dict(ckpt['value_model'])
     start_iter, kl_coef = ckpt['step'], ckpt['kl_coef']

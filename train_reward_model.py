@@ -119,7 +119,7 @@ check(batch_size % (micro_batch_size * world_size) == 0,
 start_step, best_val = 0, float('inf')
 ckpt_path, best_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'best.pt')
 if init_from == 'resume':
-    ckpt = require_checkpoint(ckpt_path, stage='rm', hint=f"nothing to resume in {out_dir}")
+    ckpt = require_checkpoint(ckpt_path, stage='rm', hint=f"nothing to resume in {out_dir}", resume_config=config)
     model, model_args = model_from_checkpoint(ckpt, dropout=dropout)
     start_step, best_val = ckpt['step'], ckpt['best_val']
 else:

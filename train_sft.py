@@ -104,7 +104,7 @@ train_records, val_records = read_jsonl(train_file, 'sft'), read_jsonl(val_file,
 # the model: from scratch, from GPT-2, or resumed
 start_step, best_val, ckpt_path = 0, float('inf'), os.path.join(out_dir, 'ckpt.pt')
 if init_from == 'resume':
-    ckpt = require_checkpoint(ckpt_path, stage='sft', hint=f"nothing to resume in {out_dir}")
+    ckpt = require_checkpoint(ckpt_path, stage='sft', hint=f"nothing to resume in {out_dir}", resume_config=config)
     model, model_args = model_from_checkpoint(ckpt, dropout=dropout)
     start_step, best_val = ckpt['step'], ckpt['best_val']
 elif init_from == 'scratch':

@@ -154,7 +154,7 @@ STAGES = {
 
 
 @pytest.mark.parametrize('stage', list(STAGES))
-def test_resume_after_sigkill_matches_straight_run(tmp_path, stage):
+def test_resume_after_sigkill_matches_straight_run(tmp_path, monkeypatch, capsys, stage):
     script, make_args, kill_at, delay = STAGES[stage]
     args = make_args(tmp_path)
     straight_dir, killed_dir = tmp_path / 'straight', tmp_path / 'killed'
@@ -173,8 +173,9 @@ def test_resume_after_sigkill_matches_straight_run(tmp_path, stage):
     assert 0 < resume_from < a['step']  # the resume starts mid-way
     assert max(row.get('step', row.get('iter')) for row in read_log(killed_dir / 'log.jsonl')) >= resume_from  # rows to redo
 
-    # resume the killed run; and side by side the finished one (killed after its last save, say): a no-op
-    resumed = start(run(killed_dir, '--init_from=resume'), tmp_path, 'resumed')
+    # resume the killed run (a setting that does not shape the run may change); and side by side the finished
+    # one (killed after its last save, say): a no-op
+    resumed = start(run(killed_dir, '--init_from=resume', '--skip_nonfinite=True'), tmp_path, 'resumed')
     again = start(run(straight_dir, '--init_from=resume'), tmp_path, 'again')
     assert resumed.wait(timeout=240) == 0, output(tmp_path, 'resumed')
     assert again.wait(timeout=240) == 0, output(tmp_path, 'again')
@@ -192,6 +193,16 @@ def test_resume_after_sigkill_matches_straight_run(tmp_path, stage):
     # the log: the resumed run dropped the rows after its checkpoint and redid them, so it reads like the straight
     # run's, row for row (which the no-op resume left as it was), the same numbers step by step
     assert_same_log(straight_dir / 'log.jsonl', killed_dir / 'log.jsonl')
+
+    # another value of a setting that shapes the run is refused at start-up: a resume left out of a command
+    # line, say, would train on the default (and the optimizer's weight decay and betas come from the checkpoint)
+    saved = a['config']
+    changes = ['--seed=7', '--weight_decay=0.5'] + (['--kl_coef=0.5'] if stage == 'ppo' else [])
+    refused = f"{straight_dir / 'ckpt.pt'} was trained with " + (f"kl_coef {saved['kl_coef']!r} (now 0.5), " if stage == 'ppo' else '')
+    failures = startup_failures([(stage, script, run(straight_dir, '--init_from=resume', *changes)[2:],
+                                  refused + f"weight_decay {saved['weight_decay']!r} (now 0.5), seed 1337 (now 7): a resumed run")],
+                                monkeypatch, capsys)
+    assert not failures, failures
 
 def test_a_resumed_sft_run_keeps_the_checkpoints_model_and_says_so(tmp_path):
     # n_layer, ... shape a model made from scratch only: a resume builds the checkpoint's, and its config records that
