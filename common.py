@@ -306,6 +306,7 @@ def setup(device, dtype, seed, training=True, tf32=True, flash_attention=True):
           + (" (float16 training needs loss scaling, which these scripts do not do: use bfloat16 or float32)"
              if dtype == 'float16' else ''))
     check_device(device)
+    check(0 <= seed < 2 ** 32, f"seed must be in [0, 2**32), got {seed}")  # seed * 100_003 + step must stay a 64-bit seed
     ddp = int(os.environ.get('RANK', -1)) != -1
     rank, world_size = 0, 1
     if ddp:

@@ -21,6 +21,7 @@ later (a UserError: a data file's line, a NaN loss) is also reported as one line
 """
 import ast
 import difflib
+import math
 import os
 import re
 import sys
@@ -77,6 +78,9 @@ def validate(key, value, raw, keys, source):
         raise ConfigError(f"unknown config key '{key}' from {source}{hint}; "
                           f"valid keys: {', '.join(keys)}")
     default = keys[key]
+    if type(value) is float and not math.isfinite(value) or (  # 1e999 reads as inf
+            type(default) is float and type(value) is int and abs(value) > sys.float_info.max):
+        raise ConfigError(f"config key '{key}' from {source} must be a finite number, got {raw or value!r}")
     if type(value) is type(default) or (default is None and isinstance(value, TYPES)):
         return value
     if type(default) is float and type(value) is int:  # --learning_rate=1

@@ -159,6 +159,7 @@ train_model = wrap_for_training(model, compile, ddp, device, grad_checkpoint)  #
 train = tokenize_prefs(read_jsonl(train_file, 'prefs'), enc, block_size, train_file)
 val = tokenize_prefs(read_jsonl(val_file, 'prefs'), enc, block_size, val_file)
 if train_subset:
+    check(train_subset <= len(train), f"{train_file}: {len(train)} pairs, fewer than train_subset {train_subset}")
     train = train[:train_subset]
 check(len(train) >= batch_size, f"{train_file}: {len(train)} pairs, fewer than one batch of {batch_size}")
 max_steps = max_steps or len(train) // batch_size

@@ -161,6 +161,7 @@ val, val_gold = load_pairs(val_file)
 test, test_gold = load_pairs(test_file) if test_file else (None, None)  # read now: a bad file stops the run before training
 demos = tokenize_sft(read_jsonl(sft_train_file, 'sft'), enc, block_size, sft_train_file)[:norm_examples]
 if train_subset:
+    check(train_subset <= len(train), f"{train_file}: {len(train)} pairs, fewer than train_subset {train_subset}")
     train = train[:train_subset]
 check(len(train) >= batch_size, f"{train_file}: {len(train)} pairs, fewer than one batch of {batch_size}")
 max_steps = max_steps or len(train) // batch_size

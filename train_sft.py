@@ -143,6 +143,7 @@ train = tokenize_sft(train_records, enc, block_size, train_file)
 val = tokenize_sft(val_records, enc, block_size, val_file)
 del train_records, val_records
 if train_subset:
+    check(train_subset <= len(train), f"{train_file}: {len(train)} examples, fewer than train_subset {train_subset}")
     train = train[:train_subset]
 check(len(train) >= batch_size, f"{train_file}: {len(train)} examples, fewer than one batch of {batch_size}")
 if master:

@@ -136,6 +136,18 @@ def test_wrong_type_names_both_types(arg, message):
     assert str(e.value) == 'wrong type for config key ' + message
 
 
+def test_a_float_must_be_finite(tmp_path):
+    """1e999 reads as inf, which passes a check like learning_rate > 0; a float key given an int beyond
+    floats was an OverflowError traceback. An int key takes any int."""
+    for arg in ('--learning_rate=1e999', '--learning_rate=-1e999', '--learning_rate=1' + '0' * 400):
+        with pytest.raises(ConfigError, match=f"config key 'learning_rate' from command line must be a finite number, got '{arg[16:]}'"):
+            configure(defaults(), [arg])
+    path = write(tmp_path / 'inf.py', "learning_rate = float('inf')\n")
+    with pytest.raises(ConfigError, match=f"'learning_rate' from {path} must be a finite number, got inf"):
+        configure(defaults(), [path])
+    assert configure(defaults(), ['--batch_size=1' + '0' * 400])['batch_size'] == 10 ** 400
+
+
 def test_wrong_type_in_config_file(tmp_path):
     path = write(tmp_path / 'bad.py', "batch_size = '8'\n")  # file values are real: no raw string
     with pytest.raises(ConfigError, match=r"expected int, got str \('8'\)"):

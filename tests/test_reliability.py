@@ -323,6 +323,9 @@ def test_bad_config_fails_at_startup(tmp_path, monkeypatch, capsys):
         ('sft: no layers', 'train_sft.py', sft + ['--n_layer=0', out], 'need n_layer, n_head, n_embd > 0'),
         ('sft: beta1 2', 'train_sft.py', sft + ['--beta1=2.0', out], '0 <= beta1, beta2 < 1'),
         ('sft: negative subset', 'train_sft.py', sft + ['--train_subset=-5', out], 'train_subset >= 0'),
+        ('sft: a seed past 64 bits once scaled', 'train_sft.py', sft + [f'--seed={2 ** 60}', out], 'seed must be in [0, 2**32)'),
+        ('sft: a subset larger than the file', 'train_sft.py', sft + ['--train_subset=33', out],  # was all 32, silently
+         'sft.jsonl: 32 examples, fewer than train_subset 33'),
         # a negative min_lr_ratio made the late learning rate negative: gradient ascent, silently
         ('sft: min_lr_ratio < 0', 'train_sft.py', sft + ['--min_lr_ratio=-2.0', out], '0 <= min_lr_ratio <= 1'),
         ('ppo: mini_batch_size 0', 'train_ppo.py', ppo + ['--mini_batch_size=0', out], 'mini_batch_size, micro_batch_size must be > 0'),
@@ -346,6 +349,8 @@ def test_bad_config_fails_at_startup(tmp_path, monkeypatch, capsys):
         rm_files = ['--test_file=', f'--sft_train_file={tmp_path / "sft.jsonl"}'] if script == 'train_reward_model.py' else []
         cases.append((f'{script}: fewer pairs than a batch', script, prefs + rm_files + ['--batch_size=64', out],
                       'prefs.jsonl: 32 pairs, fewer than one batch of 64'))  # prefs_args writes 32
+        cases.append((f'{script}: a subset larger than the file', script, prefs + rm_files + ['--train_subset=40', out],
+                      'prefs.jsonl: 32 pairs, fewer than train_subset 40'))
     cases.append(('rm: gold_tie_margin < 0', 'train_reward_model.py', prefs + ['--gold_tie_margin=-0.1', out], 'gold_tie_margin >= 0'))
     failures = startup_failures(cases, monkeypatch, capsys)
     assert not failures, '\n\n'.join(failures)
