@@ -182,8 +182,9 @@ if crowd_file:  # the demonstrations, judged as a model's answers are: the promp
     crowd = spread(read_jsonl(crowd_file, 'sft'), n_prompts)
     crowd_prompts = tokenize_prompts(crowd, enc, max_prompt_len, crowd_file)
     crowd_responses = [encode_response(enc, r['response'])[:max_new_tokens] for r in crowd]
-    results['crowd'] = rates([analyze(r['prompt'], decode_response(enc, t), t[-1] == enc.eot_token)
-                              for r, t in zip(crowd, crowd_responses)]) if gold_judge else {}
+    crowd_ended = [t[-1] == enc.eot_token for t in crowd_responses]  # cut at max_new_tokens, or not
+    results['crowd'] = rates([analyze(r['prompt'], decode_response(enc, t), e)
+                              for r, t, e in zip(crowd, crowd_responses, crowd_ended)]) if gold_judge else {'ended': mean(crowd_ended)}
     results['crowd']['length'] = mean([len(r) for r in crowd_responses])
     if reward_model is not None:
         results['crowd']['rm'] = mean(reward_model_scores(reward_model, crowd_prompts, crowd_responses))

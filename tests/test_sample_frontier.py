@@ -272,6 +272,16 @@ def test_eval_spreads_prompts_names_rows_and_judges_the_crowd(tmp_path):
     # every model samples with the same seed: the same weights give the same answers, all ties, no KL
     assert out['samples']['sft'] == out['samples'][f'sft:{again}'] and len(out['samples']['sft']) == 2
     assert out['results'][f'sft:{again}']['ties'] == 1.0 and out['results'][f'sft:{again}']['kl'] == 0.0
+    # without the gold judge, the crowd's row still says which demonstrations max_new_tokens (30 here) left whole
+    rm = GPT(GPTConfig(**ARGS, scalar_head=True))
+    save_checkpoint(tmp_path / 'rm.pt', rm, None, dict(ARGS, scalar_head=True), {}, 'rm', 0, reward_offset=0.0)
+    run_script('eval.py', f'--prompt_file={prompt_file(tmp_path)}', f'--crowd_file={tmp_path / "crowd.jsonl"}',
+               '--max_new_tokens=30', '--device=cpu', f'--ckpts={sft}', f'--baseline={sft}', f'--rm_ckpt={tmp_path / "rm.pt"}',
+               '--gold_judge=', '--n_prompts=2', f'--out_json={tmp_path / "eval.json"}', timeout=120)
+    lengths = [len(encode_response(enc, r['response'])) for r in crowd]  # <|endoftext|> included
+    assert lengths[0] <= 30 < lengths[1]
+    crowd_row = json.loads((tmp_path / 'eval.json').read_text())['results']['crowd']
+    assert crowd_row.keys() == {'ended', 'length', 'rm'} and crowd_row['ended'] == 0.5 and crowd_row['length'] == (lengths[0] + 30) / 2
 
 
 def test_eval_sequence_logprobs_and_reward_scores_by_hand():
