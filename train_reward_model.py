@@ -27,6 +27,7 @@ state, to resume) is never centred.
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -144,13 +145,17 @@ train_model = wrap_for_training(model, compile, ddp, device, grad_checkpoint)  #
 
 def load_pairs(path):
     """Tokenized pairs and, when every record has gold_chosen/gold_rejected (the built-in world's
-    true rewards), gold_gap = gold_chosen - gold_rejected per pair, else None."""
+    true rewards), gold_gap = gold_chosen - gold_rejected per pair; None when none has them."""
     records = read_jsonl(path, 'prefs')
     gold = None
-    if all('gold_chosen' in r and 'gold_rejected' in r for r in records):
-        for line, r in enumerate(records, start=1):  # read_jsonl keeps every line: a record's index is its line
+    has_gold = ['gold_chosen' in r and 'gold_rejected' in r for r in records]
+    if any(has_gold) and not all(has_gold):  # read_jsonl keeps every line: a record's index is its line
+        raise DataError(f"{path}:{has_gold.index(False) + 1}: no gold_chosen and gold_rejected, which line "
+                        f"{has_gold.index(True) + 1} has: the gold metrics need them on every pair or on none")
+    if all(has_gold):
+        for line, r in enumerate(records, start=1):
             for k in ('gold_chosen', 'gold_rejected'):
-                if type(r[k]) not in (int, float) or not math.isfinite(r[k]):
+                if not (type(r[k]) in (int, float) and abs(r[k]) <= sys.float_info.max):  # not NaN, inf or 1e400 as an int
                     raise DataError(f"{path}:{line}: {k!r} must be a finite number, got {r[k]!r}")
         gold = torch.tensor([float(r['gold_chosen']) - float(r['gold_rejected']) for r in records])
     return tokenize_prefs(records, enc, block_size, path), gold
