@@ -109,7 +109,7 @@ def tokenize_sft(records, enc, block_size, name='sft'):
         p, (r,), cut = truncate(encode_prompt(enc, rec['prompt']), [encode_response(enc, rec['response'])], block_size)
         out.append((p, r))
         n_cut += cut
-    report(name, len(out), n_cut, block_size)
+    report(name, len(out), n_cut, block_size, n_open=sum(r[-1] != enc.eot_token for _, r in out))
     return out
 
 
@@ -123,7 +123,7 @@ def tokenize_prefs(records, enc, block_size, name='prefs'):
         n_cut += cut
         if c == r:  # the two differ only past the cut: kept (nothing is dropped), but said
             same.append(i + 1)  # the record's line in the file read_jsonl read
-    report(name, len(out), n_cut, block_size)
+    report(name, len(out), n_cut, block_size, n_open=sum(enc.eot_token != c[-1] or enc.eot_token != r[-1] for _, c, r in out))
     if same:
         print(f"{name}: {len(same)} of {len(out)} pairs identical after truncation to {block_size} tokens "
               f"(lines {', '.join(map(str, same[:5]))}{' ...' if len(same) > 5 else ''}): they add no gradient and "
@@ -142,9 +142,11 @@ def tokenize_prompts(records, enc, max_prompt_len, name='prompts'):
     return out
 
 
-def report(name, n, n_cut, limit, what='examples', kept='prompt end and response start kept'):
+def report(name, n, n_cut, limit, what='examples', kept='prompt end and response start kept', n_open=0):
+    """n_open: the examples with a response cut before its <|endoftext|>, which trains no end there."""
     if n_cut:
-        print(f"{name}: {n_cut} of {n} {what} truncated to {limit} tokens ({kept})")
+        lost = f"; {n_open} with a response cut before its <|endoftext|>" if n_open else ''
+        print(f"{name}: {n_cut} of {n} {what} truncated to {limit} tokens ({kept}{lost})")
 
 
 def collate(examples, pad_id, device='cpu', pin_memory=True):

@@ -152,7 +152,8 @@ def test_tokenize_sft_truncates_and_reports(enc, capsys):
                {'prompt': long_prompt, 'response': 'the answer'},
                {'prompt': 'q', 'response': 'long ' * 500}]
     out = loaders.tokenize_sft(records, enc, block_size=32)
-    assert 'sft: 2 of 3 examples truncated to 32 tokens' in capsys.readouterr().out
+    assert ('sft: 2 of 3 examples truncated to 32 tokens (prompt end and response start kept; 1 with a response cut '
+            'before its <|endoftext|>)') in capsys.readouterr().out
     full = [(encode_prompt(enc, r['prompt']), encode_response(enc, r['response'])) for r in records]
     assert out[0] == full[0]  # untouched
     p, r = out[1]
@@ -167,7 +168,8 @@ def test_tokenize_prefs_same_prompt_both_sides(enc, capsys):
     records = [{'prompt': 'word ' * 100, 'chosen': 'yes', 'rejected': 'no ' * 100},
                {'prompt': 'a', 'chosen': 'b', 'rejected': 'c'}]
     out = loaders.tokenize_prefs(records, enc, block_size=40)
-    assert 'prefs: 1 of 2 examples truncated to 40 tokens' in capsys.readouterr().out
+    assert ('prefs: 1 of 2 examples truncated to 40 tokens (prompt end and response start kept; 1 with a response '
+            'cut before its <|endoftext|>)') in capsys.readouterr().out
     p, c, r = out[0]
     assert len(p) == 20  # the long rejected side holds the prompt to half the block
     assert p == encode_prompt(enc, records[0]['prompt'])[-20:]
@@ -365,7 +367,7 @@ def test_long_prompt_accepted_then_truncated(tmp_path, enc, capsys):
     path.write_text(json.dumps({'prompt': 'word ' * 5000, 'response': 'ok'}) + '\n')
     (p, r), = loaders.tokenize_sft(read_jsonl(str(path), 'sft'), enc, block_size=64)
     assert len(p) + len(r) == 64 and r == encode_response(enc, 'ok')
-    assert 'sft: 1 of 1 examples truncated to 64 tokens' in capsys.readouterr().out
+    assert 'sft: 1 of 1 examples truncated to 64 tokens (prompt end and response start kept)\n' in capsys.readouterr().out
 
 
 def test_spread_takes_every_kind_in_order():
