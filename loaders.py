@@ -184,7 +184,9 @@ def batch_indices(n, batch_size, step, seed, rank=0, world_size=1):
     """
     Example indices for optimizer step `step`: a fresh permutation each epoch, seeded by
     (seed, epoch), so the data order is a pure function of the step and a resumed run continues
-    exactly where it stopped. Under DDP each rank takes its slice of the global batch.
+    exactly where it stopped. Under DDP each rank takes its slice of the global batch. An epoch is
+    n // batch_size full batches: the n % batch_size examples its permutation puts last wait for
+    another epoch (a different random few each time).
     """
     per_epoch = n // batch_size
     assert per_epoch > 0, f"{n} examples cannot fill one batch of {batch_size}"
