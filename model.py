@@ -295,7 +295,8 @@ class GPT(nn.Module):
           seq            (B, P + N)  left-padded prompts followed by the generated tokens
           seq_mask       (B, P + N)  1 on real prompt tokens and on generated tokens up to eos
           logprobs       (B, N)      log-prob of each generated token under softmax(logits /
-                                     temperature) before top-k/top-p filtering: what
+                                     temperature) (temperature 0: softmax(logits)) before
+                                     top-k/top-p filtering: what
                                      token_logprobs(..., temperature) recomputes, to ~1e-6 in
                                      float32 (not under bf16 autocast or TF32: other rounding)
           response_mask  (B, N)      1 on generated tokens (the eos that ends a row included)
