@@ -10,8 +10,9 @@ one run, from its log.jsonl.
     python frontier.py --curves=out/ppo                  # out/ppo/curves.png from out/ppo/log.jsonl
 
 Every run starts from the SFT model and the reward model of the main pipeline (bash run.sh first).
-Each run is a plain call of its script; a run directory with a DONE file is finished and skipped,
-one with only a ckpt.pt is resumed, as in run.sh. A value equal to the main pipeline's own run
+Each run is a plain call of its script; a run directory with a DONE file is finished and skipped
+(DONE holds the run's command: one of other arguments is refused, not reused), one with only a
+ckpt.pt is resumed, as in run.sh. A value equal to the main pipeline's own run
 (kl_coef 0.05 in out/ppo, beta 0.5 in out/dpo) reuses that run rather than training it again.
 """
 import json
@@ -76,21 +77,31 @@ def main_run_value(main_dir, ckpt_name, key):
 
 def train(script, run_dir, key, value, extra, main_dir, ckpt_name):
     """One run of the sweep unless it finished before; sft_ckpt, the sweep's value and out_dir come last, so they win.
-    When extra is empty and the value is the main run's, that run's checkpoint is linked in instead."""
-    if os.path.exists(os.path.join(run_dir, 'DONE')):
+    When extra is empty and the value is the main run's, that run's checkpoint is linked in instead. DONE holds the
+    run's command: a finished run of other arguments (ppo_args, sft_ckpt changed since) is refused, not reused."""
+    args = [*shlex.split(extra), f'--sft_ckpt={sft_ckpt}', f'--{key}={value}', f'--out_dir={run_dir}']
+    command, done = shlex.join([script, *args]), os.path.join(run_dir, 'DONE')
+    if os.path.exists(done):
+        with open(done) as f:
+            trained = f.readline().strip()  # the command; a reused main run's DONE says so on a second line
+        check(trained in ('', command),  # '': an older frontier.py's DONE
+              f"{run_dir} was trained as `{trained}`, not as the sweep asks now (`{command}`): "
+              f"delete {run_dir} to train it anew, or give another out_dir")
         print(f"== {run_dir}: done already, skipping")
         return
     main_value = None if extra else main_run_value(main_dir, ckpt_name, key)
     if main_value is not None and float(main_value) == float(value):
-        os.makedirs(run_dir, exist_ok=True)
+        shutil.rmtree(run_dir, ignore_errors=True)  # a run of the sweep's own cut short, superseded by the finished one
+        os.makedirs(run_dir)
         os.symlink(os.path.abspath(os.path.join(main_dir, ckpt_name)), os.path.join(run_dir, ckpt_name))
-        open(os.path.join(run_dir, 'DONE'), 'w').close()
+        with open(done, 'w') as f:
+            f.write(f"{command}\nreused {main_dir}, the same run\n")
         print(f"== {run_dir}: the main run's {key} ({main_dir}), reused")
         return
     resume = ['--init_from=resume'] if os.path.exists(os.path.join(run_dir, 'ckpt.pt')) else []
-    run([sys.executable, script, *shlex.split(extra), f'--sft_ckpt={sft_ckpt}', f'--{key}={value}', f'--out_dir={run_dir}',
-         *resume])
-    open(os.path.join(run_dir, 'DONE'), 'w').close()
+    run([sys.executable, script, *args, *resume])
+    with open(done, 'w') as f:
+        f.write(command + '\n')
 
 
 def read_points(path):

@@ -14,17 +14,27 @@ if [ "${1:-}" = "--fresh" ]; then rm -rf out/sft out/rm out/ppo out/dpo out/eval
 start=$(date +%s)
 
 python data/tinyhh/prepare.py --if_stale=True  # (re)writes the data when it is missing or came from other code
+# what the stages train on: a finished stage's DONE records it, so new data (other generator code or settings)
+# never meets a stage trained on the old
+data=$(cat data/tinyhh/*.jsonl | sha256sum | cut -c1-16)
 
 # stage NAME SCRIPT ARGS...: run SCRIPT unless out/NAME/DONE exists; resume an interrupted run
 stage() {
     local name=$1 script=$2; shift 2
-    if [ -f "out/$name/DONE" ]; then echo "== $name: done already (out/$name), skipping"; return; fi
+    if [ -f "out/$name/DONE" ]; then
+        local trained_on; trained_on=$(cat "out/$name/DONE")
+        if [ -n "$trained_on" ] && [ "$trained_on" != "data $data" ]; then  # an empty DONE: an older run.sh's
+            echo "error: out/$name was trained on other data than data/tinyhh holds now: bash run.sh --fresh trains anew" >&2
+            exit 1
+        fi
+        echo "== $name: done already (out/$name), skipping"; return
+    fi
     local resume=''  # a plain string: an empty array trips set -u on bash before 4.4 (macOS's)
     if [ -f "out/$name/ckpt.pt" ]; then resume=--init_from=resume; fi
     echo "== $name: python $script $* $resume"
     local t0=$(date +%s)
     python "$script" "$@" $resume
-    touch "out/$name/DONE"
+    echo "data $data" > "out/$name/DONE"
     echo "== $name: finished in $(( $(date +%s) - t0 )) s"
 }
 

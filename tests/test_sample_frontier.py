@@ -549,6 +549,8 @@ def test_frontier_reuses_the_main_runs(tmp_path):
         save_checkpoint(str(tmp_path / name / ckpt), GPT(GPTConfig(**ARGS)), None, ARGS, config, stage, 0)
         (tmp_path / name / 'DONE').touch()
     out = tmp_path / 'frontier'
+    (out / 'ppo_kl0.05').mkdir(parents=True)  # the sweep's own run of the value, cut short before the main run finished
+    (out / 'ppo_kl0.05' / 'ckpt.pt').write_text('partial')  # was a FileExistsError at the link, on every rerun
     eval_args = (f"--prompt_file={ROOT}/tests/fixtures/eval_prompts_3.jsonl --rm_ckpt= --crowd_file= "
                  "--max_new_tokens=4 --device=cpu")
     p = run_script('frontier.py', '--kl_coefs=0.05', '--betas=0.5', f'--sft_ckpt={sft}', f'--main_ppo={tmp_path}/ppo',
@@ -565,6 +567,13 @@ def test_frontier_reuses_the_main_runs(tmp_path):
                    f'--main_dpo={tmp_path}/dpo', f'--out_dir={out}', f'--eval_args={eval_args}', timeout=120)
     assert p.stdout.count('done already, skipping') == 2 and 'the main run' not in p.stdout
     assert json.loads((out / 'eval.json').read_text())['results'] == results
+    # a finished run of the sweep is not reused for other arguments: DONE records the command it stands for
+    for args, asked in [(['--ppo_args=--max_iters=5'], f'train_ppo.py --max_iters=5 --sft_ckpt={sft} --kl_coef=0.05'),
+                        ([f'--sft_ckpt={tmp_path / "ppo" / "ckpt.pt"}'], f'train_ppo.py --sft_ckpt={tmp_path / "ppo" / "ckpt.pt"}')]:
+        p = run_script('frontier.py', '--kl_coefs=0.05', '--betas=', f'--sft_ckpt={sft}', f'--main_ppo={tmp_path}/ppo',
+                       f'--out_dir={out}', *args, check=False, timeout=60)
+        assert p.returncode == 2 and (f"{out / 'ppo_kl0.05'} was trained as `train_ppo.py --sft_ckpt={sft} --kl_coef=0.05 "
+                                      f"--out_dir={out / 'ppo_kl0.05'}`, not as the sweep asks now (`{asked}") in p.stderr, p.stderr
 
 
 @pytest.mark.parametrize('main_sft, main_done, value, ppo_args, interrupted', [
@@ -701,13 +710,25 @@ def test_run_sh_fresh_deletes_only_the_pipelines_own_runs(tmp_path):
         (out / d).mkdir(parents=True)
         (out / d / 'DONE').write_text('')
     (out / 'eval.json').write_text('{}')
-    run = lambda *args: subprocess.run(['bash', str(tmp_path / 'run.sh'), *args], cwd=tmp_path, check=True,
-                                       capture_output=True, text=True, env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"))
+    data = tmp_path / 'data' / 'tinyhh'
+    data.mkdir(parents=True)
+    (data / 'sft_train.jsonl').write_text('{"prompt": "a", "response": "b"}\n')
+    run = lambda *args, check=True: subprocess.run(['bash', str(tmp_path / 'run.sh'), *args], cwd=tmp_path, check=check,
+                                                   capture_output=True, text=True,
+                                                   env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"))
     p = run()
-    assert p.stdout.count('done already') == 4, p.stdout
+    assert p.stdout.count('done already') == 4, p.stdout  # an empty DONE (an older run.sh's) records no data
     run('--fresh')
     calls = [line.split()[0] for line in (tmp_path / 'calls.txt').read_text().splitlines()]
     assert calls == ['data/tinyhh/prepare.py', 'eval.py'] + ['data/tinyhh/prepare.py', 'train_sft.py', 'train_reward_model.py',
                                                              'train_ppo.py', 'train_dpo.py', 'eval.py']
     assert all((out / d / 'DONE').exists() for d in ('sft_hh', 'dpo_hh'))  # kept
     assert not (out / 'frontier').exists() and not (out / 'eval.json').exists()  # eval.json: the stand-in writes none
+    # each finished stage records the data it trained on: new data (prepare.py rewrote it) stops a rerun that
+    # would skip stages trained on the old, rather than evaluating them on prompts the new split may have trained on
+    assert run().stdout.count('done already') == 4
+    (data / 'sft_train.jsonl').write_text('{"prompt": "a", "response": "c"}\n')
+    p = run(check=False)
+    assert p.returncode == 1 and p.stderr == ('error: out/sft was trained on other data than data/tinyhh holds now: '
+                                              'bash run.sh --fresh trains anew\n'), p.stderr
+    assert run('--fresh').stdout.count('done already') == 0
