@@ -140,7 +140,7 @@ def plot_frontier(eval_json, png):
             continue
         ax.plot(kls, golds, 'o-' if method != 'dpo' else 's-', label=names.get(method, method))
         for label, kl, gold in rows:
-            ax.annotate(label, (kl, gold), textcoords='offset points', xytext=(5, -11 if method == 'dpo' else 4), fontsize=8)
+            ax.annotate(label, (kl, gold), textcoords='offset points', xytext=(5, 4 if method == 'dpo' else -11), fontsize=8)
     if crowd is not None:
         ax.axhline(crowd, color='gray', linestyle='--', linewidth=1, label='the demonstrations (crowd)')
     ax.set_xscale('symlog', linthresh=1.0, linscale=1.5)  # linear below 1 nat, where most runs sit; log above
