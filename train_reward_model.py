@@ -145,15 +145,15 @@ train_model = wrap_for_training(model, compile, ddp, device, grad_checkpoint)  #
 
 def load_pairs(path):
     """Tokenized pairs and, when every record has gold_chosen/gold_rejected (the built-in world's
-    true rewards), gold_gap = gold_chosen - gold_rejected per pair; None when none has them."""
+    true rewards), gold_gap = gold_chosen - gold_rejected per pair, else None (said when some have them)."""
     records = read_jsonl(path, 'prefs')
     gold = None
     has_gold = ['gold_chosen' in r and 'gold_rejected' in r for r in records]
-    if any(has_gold) and not all(has_gold):  # read_jsonl keeps every line: a record's index is its line
-        raise DataError(f"{path}:{has_gold.index(False) + 1}: no gold_chosen and gold_rejected, which line "
-                        f"{has_gold.index(True) + 1} has: the gold metrics need them on every pair or on none")
+    if any(has_gold) and not all(has_gold) and master:  # real pairs beside the built-in world's, say
+        print(f"{path}: {has_gold.count(False)} of {len(records)} pairs have no gold_chosen and gold_rejected "
+              f"(the first on line {has_gold.index(False) + 1}): no gold metrics on this file")
     if all(has_gold):
-        for line, r in enumerate(records, start=1):
+        for line, r in enumerate(records, start=1):  # read_jsonl keeps every line: a record's index is its line
             for k in ('gold_chosen', 'gold_rejected'):
                 if not (type(r[k]) in (int, float) and abs(r[k]) <= sys.float_info.max):  # not NaN, inf or 1e400 as an int
                     raise DataError(f"{path}:{line}: {k!r} must be a finite number, got {r[k]!r}")

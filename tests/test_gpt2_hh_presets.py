@@ -96,7 +96,7 @@ def test_gpt2_hh_presets_run_in_order(hh):
     assert all(out['config'][k] == v for k, v in preset_values('eval_gpt2_hh.py').items()
                if k not in ('ckpts', 'baseline', 'rm_ckpt', 'prompt_file', 'crowd_file', 'n_prompts', 'max_new_tokens', 'out_json'))
     assert list(out['results']) == ['crowd', 'sft', 'ppo', 'dpo'] and len(out['prompts']) == 3
-    assert set(out['results']['crowd']) == {'length', 'rm'}
+    assert set(out['results']['crowd']) == {'ended', 'length', 'rm'}
     # two steps at the presets' learning rates leave PPO and DPO sampling the SFT model's answers (the same seed):
     # every reward-model score ties with the baseline's, so there is no win rate (eval.py's arithmetic is checked
     # by hand in test_sample_frontier.py)

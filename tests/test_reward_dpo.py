@@ -6,6 +6,7 @@ token, precomputed reference log-probs, the SFT mask on real batches, and each t
 import json
 import math
 import random
+import sys
 
 import pytest
 import torch
@@ -68,12 +69,13 @@ def test_reward_is_read_at_the_last_real_token_padding_changes_nothing():
     assert not torch.allclose(at_last_column, alone, atol=1e-3)  # reading at a pad would be wrong
 
 
-def test_gold_gaps_are_read_only_when_every_pair_has_both_scores(tmp_path):
+def test_gold_gaps_are_read_only_when_every_pair_has_both_scores(tmp_path, capsys):
     # the reward model's load_pairs: gold_gap = gold_chosen - gold_rejected per pair when every record has both
     # scores; a file where some pairs lack them (real pairs mixed with the built-in world's) has no gold gaps, and
-    # no KeyError either
+    # no KeyError either, and says so rather than drop the gold metrics silently
     load_pairs, = function_defs('train_reward_model.py', 'load_pairs', enc=get_tokenizer(512), block_size=64, math=math,
-                                read_jsonl=read_jsonl, tokenize_prefs=tokenize_prefs, DataError=DataError)
+                                read_jsonl=read_jsonl, tokenize_prefs=tokenize_prefs, DataError=DataError, sys=sys,
+                                master=True)
     pair = {'prompt': 'Tell me about apples', 'chosen': 'red and sweet', 'rejected': 'blue'}
     full, mixed = tmp_path / 'gold.jsonl', tmp_path / 'mixed.jsonl'
     full.write_text(''.join(json.dumps(r) + '\n' for r in [dict(pair, gold_chosen=0.5, gold_rejected=0.25),
@@ -84,6 +86,8 @@ def test_gold_gaps_are_read_only_when_every_pair_has_both_scores(tmp_path):
     assert len(pairs) == 2 and gold.tolist() == [0.25, -1.25]  # chosen minus rejected, exact in float32
     pairs, gold = load_pairs(str(mixed))
     assert len(pairs) == 3 and gold is None
+    assert (f"{mixed}: 2 of 3 pairs have no gold_chosen and gold_rejected (the first on line 2): no gold metrics on "
+            "this file") in capsys.readouterr().out
 
 
 # -----------------------------------------------------------------------------
