@@ -16,7 +16,7 @@ start=$(date +%s)
 python data/tinyhh/prepare.py --if_stale=True  # (re)writes the data when it is missing or came from other code
 # what the stages train on: a finished stage's DONE records it, so new data (other generator code or settings)
 # never meets a stage trained on the old
-data=$(cat data/tinyhh/*.jsonl | sha256sum | cut -c1-16)
+data=$(cat data/tinyhh/*.jsonl | cksum | tr ' ' -)  # CRC and size; POSIX cksum (macOS has no sha256sum)
 
 # stage NAME SCRIPT ARGS...: run SCRIPT unless out/NAME/DONE exists; resume an interrupted run
 stage() {
