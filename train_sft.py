@@ -157,13 +157,14 @@ def evaluate():
     """Mean per-token validation loss over the first eval_batches x batch_size examples of val (0: all of
     it): the same examples however many processes share them."""
     model.eval()
-    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    # summed in float64: a float32 count is exact only up to 2**24 (16.8M) tokens
+    total, count = torch.zeros((), device=device, dtype=torch.float64), torch.zeros((), device=device, dtype=torch.float64)
     stop = len(val) if eval_batches == 0 else min(len(val), eval_batches * batch_size)
     for i in range(rank * micro_batch_size, stop, micro_batch_size * world_size):
         seq, targets, _ = collate(val[i:min(i + micro_batch_size, stop)], enc.eot_token, device, pin_memory)
         with ctx:
             logprobs, _ = model(seq[:, :-1], targets)
-        total -= logprobs.sum()
+        total -= logprobs.float().sum().double()
         count += (targets >= 0).sum()
     model.train()
     return (all_reduce_mean(total, ddp) / all_reduce_mean(count, ddp)).item()

@@ -63,8 +63,8 @@ _forkserver.set_forkserver_preload(['torch', 'torch._dynamo', 'tiktoken', 'tqdm'
 _BASE_PATH = None  # sys.path of a fresh interpreter, less its first entry (the script's directory)
 
 
-def _run_forked(argv, cwd, env, out, err, base_path):
-    """In the forked child: become `python *argv` run in cwd with env, and run it."""
+def _run_forked(argv, cwd, env, out, err, base_path, stdin=None):
+    """In the forked child: become `python *argv` run in cwd with env (stdin read from the file stdin), and run it."""
     import threading
     multiprocessing.set_start_method(None, force=True)  # the script's multiprocessing: the platform default
     os.chdir(cwd)
@@ -74,6 +74,11 @@ def _run_forked(argv, cwd, env, out, err, base_path):
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         os.dup2(f, fd)
         os.close(f)
+    if stdin is not None:
+        f = os.open(stdin, os.O_RDONLY)
+        os.dup2(f, 0)
+        os.close(f)
+        sys.stdin = io.TextIOWrapper(io.FileIO(0, 'r', closefd=False), encoding='utf-8')
     sys.stdout = io.TextIOWrapper(io.FileIO(1, 'w', closefd=False), encoding=sys.__stdout__.encoding,
                                   errors=sys.__stdout__.errors, write_through=True)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, 'w', closefd=False), encoding=sys.__stderr__.encoding,
@@ -144,21 +149,24 @@ class _Forked:
         self.send_signal(signal.SIGKILL)
 
 
-def start_python(argv, out, err=None, env=None):
+def start_python(argv, out, err=None, env=None, stdin=None):
     """Start `python *argv` from the repository root, stdout to the file out and stderr to err (or
-    out too); env adds to os.environ. Returns a Popen-like object (poll, wait, send_signal, kill):
-    a forked child, or a fresh interpreter where the child could not be one (see above; a script
-    that does not exist: the interpreter's own error)."""
+    out too), stdin read from the file stdin if given; env adds to os.environ. Returns a Popen-like
+    object (poll, wait, send_signal, kill): a forked child, or a fresh interpreter where the child
+    could not be one (see above; a script that does not exist: the interpreter's own error)."""
     global _BASE_PATH
     argv, full_env = [str(a) for a in argv], dict(os.environ, PYTHONUNBUFFERED='1', **(env or {}))
     with open(out, 'ab') as o, open(err or out, 'ab') as e:  # the files exist whatever happens next
         forkable = set(env or {}) <= READ_AT_RUN_TIME and full_env.get('OMP_NUM_THREADS', '1').isdigit()
         if FRESH_INTERPRETER or not forkable or not (argv[0] in ('-c', '-m') or os.path.isfile(ROOT / argv[0])):
-            return subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=o, stderr=e, env=full_env)
+            with open(stdin or os.devnull, 'rb') as i:
+                return subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdin=i if stdin else None, stdout=o, stderr=e,
+                                        env=full_env)
     if _BASE_PATH is None:
         _BASE_PATH = json.loads(subprocess.check_output([sys.executable, '-c', 'import sys, json; print(json.dumps(sys.path[1:]))'],
                                                         env=full_env, cwd=ROOT))
-    process = _forkserver.Process(target=_run_forked, args=(argv, str(ROOT), full_env, str(out), str(err or out), _BASE_PATH))
+    process = _forkserver.Process(target=_run_forked, args=(argv, str(ROOT), full_env, str(out), str(err or out), _BASE_PATH,
+                                                                   stdin and str(stdin)))
     caller_main, sys.modules['__main__'] = sys.modules['__main__'], types.ModuleType('__main__')
     try:  # with a bare __main__ here, the child does not first import the caller's (pytest's) main module
         process.start()
@@ -179,16 +187,20 @@ def finish(proc, out, err, timeout):
     return subprocess.CompletedProcess(proc.args, proc.returncode, read(out), read(err))
 
 
-def run_python(argv, timeout=300, env=None):
-    """Run `python *argv` from the repository root to its end; returns the CompletedProcess."""
+def run_python(argv, timeout=300, env=None, input=None):
+    """Run `python *argv` from the repository root to its end, the text input typed in if given;
+    returns the CompletedProcess."""
     with tempfile.TemporaryDirectory() as d:
-        out, err = os.path.join(d, 'stdout'), os.path.join(d, 'stderr')
-        return finish(start_python(argv, out, err, env), out, err, timeout)
+        out, err, stdin = os.path.join(d, 'stdout'), os.path.join(d, 'stderr'), None
+        if input is not None:
+            stdin = os.path.join(d, 'stdin')
+            Path(stdin).write_text(input, encoding='utf-8')
+        return finish(start_python(argv, out, err, env, stdin), out, err, timeout)
 
 
-def run_script(name, *args, timeout=300, check=True, env=None):
-    """Run a script from the repo root as a user would; returns the CompletedProcess."""
-    p = run_python([ROOT / name, *args], timeout, env)
+def run_script(name, *args, timeout=300, check=True, env=None, input=None):
+    """Run a script from the repo root as a user would (input: the text typed in); returns the CompletedProcess."""
+    p = run_python([ROOT / name, *args], timeout, env, input)
     if check and p.returncode != 0:
         raise AssertionError(f"{name} {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p

@@ -1,8 +1,10 @@
-"""bench.py end to end on a very small model: a row per stage, every figure finite and positive; and
-MFU's two parts, the peak measurement and the FLOP formula (against torch's own FLOP counter). Not a
-timing test: the times themselves depend on the machine and its load."""
+"""bench.py end to end on a very small model, on a fixed clock: a row per stage, each row's figures
+by hand; and MFU's two parts, the peak measurement and the FLOP formula (against torch's own FLOP
+counter). Not a timing test: real times depend on the machine and its load."""
+import ast
 import itertools
 import math
+import statistics
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import GPT, GPTConfig
-from scripts import function_defs, run_script
+from scripts import ROOT, function_defs, run_python
 
 ROWS = ['sft', 'rm', 'dpo', 'dpo_ref_precomputed', 'ppo_rollout_no_kv_cache', 'ppo_rollout_hf_generate',
         'ppo_rollout', 'ppo_score',
@@ -18,27 +20,94 @@ ROWS = ['sft', 'rm', 'dpo', 'dpo_ref_precomputed', 'ppo_rollout_no_kv_cache', 'p
         'ppo_update_4x2', 'ppo_iteration_4x2']
 
 
-def test_bench_prints_a_row_per_stage():
-    # a given peak: the measured one is a few seconds of large matmuls (measure_peak_flops is tested below)
-    p = run_script('bench.py', '--steps=1', '--warmup=0', '--n_layer=1', '--n_head=2', '--n_embd=32',
-                   '--vocab_size=512', '--batch_size=4', '--prompt_len=8', '--response_len=8', '--threads=1',
-                   '--decode=static', '--grad_checkpoint=True', '--peak_flops=2e6', timeout=300)
-    # the static-shape rollout and checkpointed training passes (model tests cover the defaults)
+# bench.py run with a fixed clock: each call of its clock() from bench.py advances exactly 0.5 s (everything else keeps
+# the real clock), so every timed phase takes 0.5 s and each row's figures are known in closed form
+FIXED_CLOCK = """
+import runpy, sys, time
+script, real, now = sys.argv[1], time.perf_counter, [0.0]
+def fake():
+    if sys._getframe(1).f_code.co_filename.endswith('bench.py'):
+        now[0] += 0.5
+        return now[0]
+    return real()
+time.perf_counter = fake
+sys.argv = sys.argv[1:]
+runpy.run_path(script, run_name='__main__')
+"""
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_bench_rows_by_hand_on_a_fixed_clock(dtype):
+    # a row per stage; s/step the median of the timed steps (the warmup dropped), a PPO iteration the sum of its three
+    # phases; tokens/s = tokens / s/step; MFU = 100 x the FLOPs of the passes the row's step runs / s/step / peak, with
+    # bench.flops (checked against torch's FLOP counter below). A peak of 1e4 FLOP/s: MFU printed to 2 decimals then
+    # resolves a FLOP count to about 1e-8 of it. float32 runs the static-shape rollout and checkpointed training
+    # (model tests cover the defaults); bfloat16 recomputes pi_old in the scoring pass (its sampling log-probs are not exact)
+    L, H, D, V, B, P, R = 1, 2, 32, 512, 4, 8, 8
+    T, peak = P + R, 1e4
+    stages, options = ('sft,rm,dpo,ppo', ['--decode=static', '--grad_checkpoint=True']) if dtype == 'float32' else ('ppo', [])
+    p = run_python(['-c', FIXED_CLOCK, str(ROOT / 'bench.py'), f'--stages={stages}', '--steps=3', '--warmup=1',
+                    f'--n_layer={L}', f'--n_head={H}', f'--n_embd={D}', f'--vocab_size={V}', f'--batch_size={B}',
+                    f'--prompt_len={P}', f'--response_len={R}', '--threads=1', f'--dtype={dtype}', '--device=cpu',
+                    f'--peak_flops={peak}', *options], env={'OMP_NUM_THREADS': '1'})
+    assert p.returncode == 0, p.stderr[-3000:]
     lines = p.stdout.splitlines()
     first = next(line for line in lines if line.startswith('bench:'))
-    assert first.startswith('bench: preset tiny, cpu, 1 threads, float32, grad checkpointing; GPT 1L/2H/32d'), first
+    want_first = 'bench: preset tiny, cpu, 1 threads, ' + ('float32, grad checkpointing;' if dtype == 'float32' else 'bfloat16;')
+    assert first.startswith(want_first + ' GPT 1L/2H/32d'), first
     assert 'peak for MFU: 0.0 GFLOP/s (given)' in lines, p.stdout
     header = next(i for i, line in enumerate(lines) if line.split()[:2] == ['stage', 's/step'])
-    table = {line.split()[0]: line.split()[1:] for line in lines[header + 1:] if line.strip()}
-    assert list(table) == ROWS, p.stdout
-    for name, cells in table.items():
-        sec, tokens, tokens_per_s, mem, mfu = cells
-        assert mfu.endswith('%'), (name, cells)
-        numbers = [float(sec), int(tokens), float(tokens_per_s), float(mem), float(mfu[:-1])]
-        assert all(math.isfinite(x) and x > 0 for x in numbers), (name, cells)
-        assert int(tokens) == 4 * 16 * (2 if name in ('rm', 'dpo', 'dpo_ref_precomputed') else 1), (name, cells)
-        # a 2 MFLOP/s peak: any real step of this model is far above 100%
-        assert float(mfu[:-1]) > 100, (name, cells)
+    rows = {line.split()[0]: line.split()[1:] for line in lines[header + 1:] if line.strip()}
+    assert list(rows) == (ROWS if dtype == 'float32' else [r for r in ROWS if r.startswith('ppo')]), p.stdout
+
+    lm = GPT(GPTConfig(n_layer=L, n_head=H, n_embd=D, block_size=T, vocab_size=V))
+    scalar = GPT(GPTConfig(n_layer=L, n_head=H, n_embd=D, block_size=T, vocab_size=V, scalar_head=True))
+    (flops,) = function_defs('bench.py', 'flops')
+    policy = flops(lm, B * (T - 1), T - 1, B * R)  # forward + backward, the vocabulary head at the response rows only
+    reference = flops(lm, B * (T - 1), T - 1, B * R, 1)  # forward only
+    gen = flops(lm, B * P, P, B, 1) + sum(flops(lm, B, P + t + 1, B, 1) for t in range(R - 1))  # prefill, R - 1 steps
+    no_cache = sum(flops(lm, B * (P + t), P + t, B * (P + t), 1) for t in range(R))  # the whole sequence every step
+    # scoring: the reward and value models' forwards, the reference's log-probs, and pi_old's again where not exact
+    score = flops(scalar, B * T, T, 0, 1) + flops(scalar, B * (T - 1), T - 1, 0, 1) + reference * (1 if dtype == 'float32' else 2)
+    epoch = policy + flops(scalar, B * (T - 1), T - 1, 0)
+    want = {  # row: (s/step, tokens per step, FLOPs per step)
+        'ppo_rollout_no_kv_cache': (0.5, B * T, no_cache), 'ppo_rollout_hf_generate': (0.5, B * T, gen),
+        'ppo_rollout': (0.5, B * T, gen), 'ppo_score': (0.5, B * T, score),
+        'ppo_update_1x1': (0.5, B * T, epoch), 'ppo_iteration_1x1': (1.5, B * T, gen + score + epoch),
+        'ppo_update_4x1': (0.5, B * T, 4 * epoch), 'ppo_iteration_4x1': (1.5, B * T, gen + score + 4 * epoch),
+        'ppo_update_4x2': (0.5, B * T, 4 * epoch), 'ppo_iteration_4x2': (1.5, B * T, gen + score + 4 * epoch),
+        'sft': (0.5, B * T, policy), 'rm': (0.5, 2 * B * T, flops(scalar, 2 * B * T, T, 0)),
+        'dpo': (0.5, 2 * B * T, 2 * policy + 2 * reference),  # the policy on 2B rows, and the reference's forward
+        'dpo_ref_precomputed': (0.5, 2 * B * T, 2 * policy)}
+    for name, (sec, tokens, flop) in ((name, want[name]) for name in rows):
+        got_sec, got_tokens, got_tps, got_mem, got_mfu = rows[name]
+        assert float(got_sec) == sec and int(got_tokens) == tokens, (name, rows[name])
+        assert float(got_tps) == pytest.approx(tokens / sec, abs=0.5), (name, rows[name])
+        assert math.isfinite(float(got_mem)) and float(got_mem) > 0, (name, rows[name])
+        assert got_mfu.endswith('%') and float(got_mfu[:-1]) == pytest.approx(100 * flop / sec / peak, abs=0.006), \
+            (name, rows[name], 100 * flop / sec / peak)
+
+
+def test_run_drops_the_warmup_steps_and_times_each_phase():
+    # 2 warmup steps (slow: 100 s) then 3 timed steps of two phases; the medians of the timed steps only
+    marks = iter([(0, 100, 200), (0, 100, 200), (0, 1, 3), (0, 2, 7), (0, 4, 5)])
+    (run,) = function_defs('bench.py', 'run', warmup=2, steps=3, statistics=statistics)
+    # phase 1: 1, 2, 4 -> 2; phase 2: 2, 5, 1 -> 2; whole step: 3, 7, 5 -> 5
+    assert run(lambda: next(marks)) == [2, 2, 5]
+
+
+@pytest.mark.parametrize('device_name, peak', [('NVIDIA H100 PCIe', 756e12), ('NVIDIA H100 NVL', 835e12),
+                                               ('NVIDIA H100 80GB HBM3', 989e12), ('NVIDIA H200 NVL', 835e12),
+                                               ('NVIDIA H200', 989e12), ('NVIDIA A100-SXM4-80GB', 312e12),
+                                               ('Tesla V100-SXM2-16GB', 0.0)])
+def test_datasheet_peak_is_the_first_matching_part(device_name, peak):
+    # the data-sheet bf16 peak MFU is quoted against on a GPU: the first part in bench.py's table named in the device's
+    # name (so 'H100 PCIe' must come before 'H100'); none: no data-sheet MFU
+    tree = ast.parse((ROOT / 'bench.py').read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)
+                and n.targets[0].id == 'DATASHEET_BF16')
+    table = ast.literal_eval(node.value)
+    assert next((f for part, f in table if part in device_name), 0.0) == peak
 
 
 def test_measure_peak_flops_is_the_best_timed_round_after_the_warmup():

@@ -485,6 +485,31 @@ def test_sft_losses_count_token_id_0_as_a_response_token(tmp_path):
         assert row['val/loss'] == pytest.approx(sft_nll(model, examples, enc.eot_token), rel=1e-5), row
 
 
+def test_sft_val_loss_sums_past_float32s_exact_range():
+    # the val loss sums its loss and token count in float64: a float32 sum stops counting at 2**24 tokens (16.8M,
+    # a val set of about 60k long HH conversations). A model stand-in gives every target token a fixed log-prob:
+    # a first batch of 2**24 tokens at -1, then three batches of one token at -3 each
+    import contextlib
+    import types
+    big, one = torch.zeros(1, 2 ** 24 + 1, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long)
+    val = [(big, -1.0), (one, -3.0), (one, -3.0), (one, -3.0)]
+
+    class Model:  # log-prob, the same for every target token of the batch
+        eval = train = lambda self: None
+
+        def __call__(self, idx, targets):
+            return torch.full(targets.shape, self.logprob, dtype=torch.float32), None
+    model = Model()
+
+    def collate(examples, *_):
+        (seq, model.logprob), = examples
+        return seq, seq[:, 1:], None
+    (evaluate,) = function_defs('train_sft.py', 'evaluate', model=model, val=val, eval_batches=0, batch_size=4,
+                                micro_batch_size=1, rank=0, world_size=1, collate=collate, enc=types.SimpleNamespace(eot_token=0), device='cpu',
+                                pin_memory=False, ctx=contextlib.nullcontext(), ddp=False, all_reduce_mean=lambda x, ddp: x)
+    assert evaluate() == (2 ** 24 + 9) / (2 ** 24 + 3)  # exact in float64; in float32 the 3 extra tokens round away
+
+
 def rm_metrics(model, pairs, gaps, tie_margin=0.1):
     """The reward model's metrics on pairs, by hand (float64 sums): loss, accuracy, margin, chosen, rejected, and
     with gold gaps the gold accuracy (gold ties left out) and that on the pairs whose gap is at least tie_margin."""
@@ -636,3 +661,39 @@ def test_dpo_script_passes_loss_type_and_label_smoothing_to_training(world, tmp_
     for plain, smoothed in zip(logs['dpo'], logs['cdpo']):
         assert smoothed['train/loss'] == pytest.approx(LN2, abs=1e-4)
         assert smoothed['grad_norm'] == pytest.approx(0.5 * plain['grad_norm'], rel=1e-3), (plain, smoothed)
+
+
+# -----------------------------------------------------------------------------
+# the throughput in each script's 'done:' line
+
+ONE_SECOND = """
+import runpy, sys, time
+script, real, marks = sys.argv[1], time.time, iter([0.0])
+def fake():  # the script's clock reads 0 at the start of training and 1 s ever after; everything else: the real clock
+    return next(marks, 1.0) if sys._getframe(1).f_code.co_filename == script else real()
+time.time = fake
+sys.argv = sys.argv[1:]
+runpy.run_path(script, run_name='__main__')
+"""
+
+
+@pytest.mark.parametrize('script', ['train_sft.py', 'train_reward_model.py', 'train_dpo.py'])
+def test_done_line_tokens_per_second_counts_the_real_tokens(tmp_path, script):
+    # a run that takes 1 s by its clock: its tokens/s is the count of real tokens it trained on, pads not counted:
+    # SFT prompt + response; a preference pair both its rows, 2 x prompt + chosen + rejected
+    from loaders import batch_indices
+    from scripts import ROOT, run_python
+    from test_reliability import prefs_args, rm_args, sft_args
+    args = {'train_sft.py': sft_args, 'train_reward_model.py': rm_args, 'train_dpo.py': prefs_args}[script](tmp_path)
+    p = run_python(['-c', ONE_SECOND, str(ROOT / script), *args, f'--out_dir={tmp_path / "out"}'],
+                   env={'OMP_NUM_THREADS': '1'})  # 8 steps of batch 8 from 32 examples, seed 1337
+    assert p.returncode == 0, p.stderr[-3000:]
+    enc = get_tokenizer(512)
+    if script == 'train_sft.py':
+        data, size = tokenize_sft(read_jsonl(str(tmp_path / 'sft.jsonl'), 'sft'), enc, 64), lambda p, r: len(p) + len(r)
+    else:
+        data = tokenize_prefs(read_jsonl(str(tmp_path / 'prefs.jsonl'), 'prefs'), enc, 64)
+        size = lambda p, c, r: 2 * len(p) + len(c) + len(r)
+    tokens = sum(size(*data[j]) for step in range(8) for j in batch_indices(len(data), 8, step, 1337))
+    done = next(line for line in p.stdout.splitlines() if line.startswith('done:'))
+    assert f"1 s ({tokens} tokens/s)" in done, (tokens, done)

@@ -3,7 +3,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -394,11 +393,8 @@ def test_sample_reward_model_is_a_clear_error(tmp_path):
 
 def test_sample_interactive_until_eof(tmp_path):
     ckpt = tiny_lm(tmp_path / 'sft.pt')
-    p = subprocess.run([sys.executable, str(ROOT / 'sample.py'), f'--ckpt={ckpt}', '--max_new_tokens=6', '--judge=False',
-                        '--device=cpu', '--dtype=float32'],
-                       input='What is 2 plus 3?\n\nreset\nWhat colour is the sky?\n', cwd=ROOT, capture_output=True,
-                       text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
+    p = run_script('sample.py', f'--ckpt={ckpt}', '--max_new_tokens=6', '--judge=False', '--device=cpu', '--dtype=float32',
+                   input='What is 2 plus 3?\n\nreset\nWhat colour is the sky?\n', timeout=60)
     assert 'Human: What is 2 plus 3?' in p.stdout and 'Human: What colour is the sky?' in p.stdout
     assert p.stdout.count('Assistant:') == 3  # the blank line is skipped; 'reset' is a question outside chat mode
     assert p.stdout.count('ran out of tokens') == 3  # a random model never says <|endoftext|> in 6 tokens
@@ -408,10 +404,8 @@ def test_sample_interactive_until_eof(tmp_path):
 
 def chat(ckpt, questions):
     """sample.py --chat=True, greedy, 6 new tokens, on questions typed in: its stdout and the answers it printed."""
-    p = subprocess.run([sys.executable, str(ROOT / 'sample.py'), f'--ckpt={ckpt}', '--max_new_tokens=6', '--judge=False',
-                        '--temperature=0', '--chat=True', '--device=cpu', '--dtype=float32'],
-                       input='\n'.join(questions) + '\n', cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
+    p = run_script('sample.py', f'--ckpt={ckpt}', '--max_new_tokens=6', '--judge=False', '--temperature=0', '--chat=True',
+                   '--device=cpu', '--dtype=float32', input='\n'.join(questions) + '\n', timeout=60)
     return p.stdout, [line.removeprefix('Assistant: ') for line in p.stdout.splitlines() if line.startswith('Assistant: ')]
 
 
@@ -464,15 +458,28 @@ def test_sample_chat_drops_the_oldest_turns_to_fit_the_context(tmp_path):
     assert '(the oldest ' in stdout and '(prompt cut' not in stdout
 
 
+def test_sample_chat_keeps_a_conversation_that_fills_the_prompt_room_exactly(tmp_path):
+    # the prompt room is keep = block_size - min(max_new_tokens, block_size // 2) tokens: a conversation of exactly
+    # keep tokens keeps every earlier turn, one of keep + 1 drops the oldest
+    from common import encode_prompt, render_prompt, render_response
+    ckpt = tiny_lm(tmp_path / 'sft.pt', eot_first=True)  # greedy: every answer is <|endoftext|> at once, the text ''
+    questions = ['Tell me about Rome, please.', 'And what about its people?']
+    enc = get_tokenizer(ARGS['vocab_size'])
+    n = len(encode_prompt(enc, render_prompt(questions[0]) + render_response('') + render_prompt(questions[1])))
+    assert 32 < n < 64, n  # so that max_new_tokens = 64 - n (< block_size // 2) leaves exactly n tokens of room
+    for max_new_tokens, dropped in ((64 - n, False), (64 - n + 1, True)):
+        p = run_script('sample.py', f'--ckpt={ckpt}', f'--max_new_tokens={max_new_tokens}', '--judge=False', '--temperature=0',
+                       '--chat=True', '--device=cpu', '--dtype=float32', input='\n'.join(questions) + '\n', timeout=60)
+        assert p.stdout.count('Assistant: ') == 2 and '(prompt cut' not in p.stdout, p.stdout
+        assert ('(the oldest 1 turn dropped: the conversation outgrew the context)' in p.stdout) == dropped, p.stdout
+
+
 def test_sample_chat_gold_scores_the_first_question_only(tmp_path):
     # the gold judge reads one question alone: a follow-up ('And then?') asked after earlier turns gets no gold
     # score, the first question of each conversation does (also after 'reset')
     ckpt = tiny_lm(tmp_path / 'sft.pt')
-    p = subprocess.run([sys.executable, str(ROOT / 'sample.py'), f'--ckpt={ckpt}', '--max_new_tokens=4', '--temperature=0',
-                        '--chat=True', '--device=cpu', '--dtype=float32'],
-                       input='What is the capital of France?\nAnd then?\nreset\nWhat is 3 plus 4?\n', cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
+    p = run_script('sample.py', f'--ckpt={ckpt}', '--max_new_tokens=4', '--temperature=0', '--chat=True', '--device=cpu',
+                   '--dtype=float32', input='What is the capital of France?\nAnd then?\nreset\nWhat is 3 plus 4?\n', timeout=60)
     notes = [line for line in p.stdout.splitlines() if line.startswith('  (')]
     assert len(notes) == 3 and ['gold ' in n for n in notes] == [True, False, True], notes
 
@@ -495,11 +502,9 @@ def test_sample_chat_of_several_samples_by_hand(tmp_path):
     torch.nn.init.normal_(rm.scalar_head.weight, std=0.5)
     save_checkpoint(tmp_path / 'rm.pt', rm, None, dict(ARGS, scalar_head=True), {}, 'rm', 0, reward_offset=0.0)
     questions = ['What is 2 plus 3?', 'And then?']
-    p = subprocess.run([sys.executable, str(ROOT / 'sample.py'), f'--ckpt={tmp_path / "sft.pt"}', f'--rm_ckpt={tmp_path / "rm.pt"}',
-                        '--max_new_tokens=6', '--temperature=1.0', '--top_k=50', '--seed=7', '--num_samples=2', '--chat=True',
-                        '--judge=False', '--device=cpu', '--dtype=float32'],
-                       input='\n'.join(questions) + '\n', cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
+    p = run_script('sample.py', f'--ckpt={tmp_path / "sft.pt"}', f'--rm_ckpt={tmp_path / "rm.pt"}', '--max_new_tokens=6',
+                   '--temperature=1.0', '--top_k=50', '--seed=7', '--num_samples=2', '--chat=True', '--judge=False',
+                   '--device=cpu', '--dtype=float32', input='\n'.join(questions) + '\n', timeout=60)
     enc, generator, history, want, lengths = get_tokenizer(ARGS['vocab_size']), torch.Generator().manual_seed(7), '', [], []
     model.eval(), rm.eval()
     for q in questions:
