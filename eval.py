@@ -21,6 +21,10 @@ every model), judge it with data/tinyhh/world.py, and report
               this very reward model, so its rm and rm_win can rise where gold does not (compare win)
   kl          KL to the baseline: the mean over prompts of sum_t log pi(y_t) - log pi_base(y_t)
               over the sampled response, both at the sampling temperature
+With best_of='4,16', rows best_of_4 and best_of_16 add the baseline line that needs no training:
+best-of-N sampling, N answers of the baseline per prompt and the one the reward model scores
+highest. Its kl is log N - (N - 1) / N, the formula of Stiennon et al. (2020), which Beirami et
+al. (2024) show is an upper bound: the exact KL is lower, far lower where the N answers repeat.
 The first row, 'crowd', judges the held-out SFT demonstrations themselves: what imitation aims at.
 With gold_judge='' only ended, length, kl, rm and rm_win are reported: no ground truth, the reward
 model as a proxy for it (the DPO paper judged HH-RLHF answers with GPT-4 instead; no API here).
@@ -28,6 +32,7 @@ model as a proxy for it (the DPO paper judged HH-RLHF answers with GPT-4 instead
     python eval.py                                        # SFT, PPO and DPO of the main pipeline
     python eval.py --ckpts=out/sft/best.pt,out/frontier/ppo_kl0.1/ckpt.pt --out_json=out/eval_kl.json
     python eval.py config/eval_gpt2_hh.py                 # GPT-2 on HH-RLHF: the reward model judges
+    python eval.py --ckpts=out/sft/best.pt --best_of=4,16 # what the reward model buys with no training
 """
 import json
 import math
@@ -58,6 +63,7 @@ batch_size = 200                              # prompts per generate call
 seed = 1234                                   # the sampling seed: every model sees the same one
 tie_margin = 0.1                              # gold differences below this are ties (styles are >= 0.3 apart)
 n_samples = 4                                 # prompts shown side by side at the end
+best_of = ''                                  # best-of-N rows of the baseline, picked by the reward model, e.g. '4,16' ('' = none)
 out_json = 'out/eval.json'                    # where the numbers go
 device = default_device()                     # 'cpu' | 'cuda'
 # -----------------------------------------------------------------------------
@@ -71,6 +77,10 @@ check(max_prompt_len >= 0 and max_new_tokens > 0, "max_prompt_len must be >= 0 (
 check(batch_size > 0 and n_samples >= 0, "need batch_size > 0 and n_samples >= 0")
 check(tie_margin >= 0, f"tie_margin must be >= 0, got {tie_margin}")
 check(all(path.strip() for path in ckpts.split(',')), f"ckpts {ckpts!r} has an empty name (a stray comma?)")
+best_of_ns = [n.strip() for n in best_of.split(',')] if best_of else []
+check(all(n.isdigit() and int(n) > 0 for n in best_of_ns), f"best_of must be positive whole numbers, e.g. '4,16', got {best_of!r}")
+best_of_ns = sorted({int(n) for n in best_of_ns})
+check(not best_of_ns or rm_ckpt, "best_of needs the reward model that picks the best answer: set rm_ckpt")
 check_device(device)
 check(not os.path.isdir(out_json), f"out_json {out_json!r} is a directory: give a file name, e.g. {os.path.join(out_json, 'eval.json')}")
 try:  # a path that cannot be written fails now, not after minutes of sampling
@@ -98,9 +108,10 @@ def load(path, stages):
     return model.to(device).eval(), args, ckpt['stage']
 
 
-def sample(model, enc):
-    """One response per prompt: (texts, ended flags, token lists)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
+def sample(model, enc, gen=None):
+    """One response per prompt: (texts, ended flags, token lists). gen: the random numbers to draw from (by
+    default a generator of seed, the same for every model)."""
+    gen = gen or torch.Generator(device=device).manual_seed(seed)
     texts, ended, responses = [], [], []
     for i in range(0, len(prompts), batch_size):
         seq, _, _, response_mask = model.generate(prompts[i:i + batch_size], max_new_tokens, enc.eot_token, temperature,
@@ -112,6 +123,21 @@ def sample(model, enc):
             ended.append(tokens[-1] == enc.eot_token)
             texts.append(decode_response(enc, tokens))
     return texts, ended, responses
+
+
+def best_of_n(model, enc, ns):
+    """Best-of-N for each N in ns: {N: (texts, ended flags, token lists)}. max(ns) rounds of one answer per prompt
+    from model; for each N, the answer among the first N rounds that the reward model scores highest (the first of
+    equal scores). Drawn from seed + 1: not the model's own row's answers, so that its win rates compare two
+    independent draws."""
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    rounds = [sample(model, enc, gen) for _ in range(max(ns))]
+    scores = torch.tensor([reward_model_scores(reward_model, prompts, responses) for _, _, responses in rounds])
+    picked = {}
+    for n in ns:
+        best = scores[:n].argmax(0).tolist()  # the round of each prompt's best answer (argmax: the first maximum)
+        picked[n] = tuple([rounds[r][part][i] for i, r in enumerate(best)] for part in range(3))
+    return picked
 
 
 def judge(texts, ended, responses):
@@ -204,6 +230,12 @@ for path in ckpts.split(','):
 if baseline not in ckpts.split(','):  # judge the baseline's own answers, same seed
     texts, ended, base_responses = sample(base_model, enc)
     base_gold, base_rm, _ = judge(texts, ended, base_responses)
+if best_of_ns:  # best-of-N: the baseline's answers, the reward model picks; no training
+    for n, (texts, ended, responses) in best_of_n(base_model, enc, best_of_ns).items():
+        name = f'best_of_{n}'
+        gold, rm, results[name] = judge(texts, ended, responses)
+        results[name]['kl'] = math.log(n) - (n - 1) / n  # an upper bound on best-of-N's KL to the baseline
+        answers[name] = (gold, rm, texts, responses)
 for name, (gold, rm, _, responses) in answers.items():  # None: all ties (the baseline against itself), the table prints '-'
     same, wins = [a == b for a, b in zip(responses, base_responses)], {}
     if gold_judge:
@@ -219,6 +251,9 @@ cols = ['gold', 'win', 'win_strict', 'facts', 'refuse_harm', 'needless', 'honest
         'rm_win', 'gold_helpful', 'gold_harmful', 'gold_unknowable'] if gold_judge else ['rm', 'rm_win', 'kl', 'length', 'ended']
 print(f"\n{len(questions)} held-out prompts, temperature {temperature}, seed {seed}; win rates and kl against {baseline}"
       + ('' if gold_judge else f"; no gold judge: {rm_ckpt} judges"))
+if best_of_ns:
+    print(f"best_of_N: of N answers of {baseline} per prompt, the one {rm_ckpt} scores highest; "
+          f"its kl is log N - (N - 1) / N, an upper bound")
 w = max(8, *map(len, results))  # names in full: two runs of one stage differ only in their paths
 print(f"{'':>{w}} " + ' '.join(f"{c:>11}" for c in cols))
 for name, row in results.items():

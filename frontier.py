@@ -1,8 +1,9 @@
 """
 The reward-vs-KL frontier on the built-in world, as in Figure 2 of the DPO paper with the gold judge
 in place of the true reward: PPO at several kl_coef, DPO at several beta, each checkpoint scored by
-eval.py on the held-out prompts (gold score against KL to the SFT model). And the training curves of
-one run, from its log.jsonl.
+eval.py on the held-out prompts (gold score against KL to the SFT model), beside best-of-N sampling
+from the SFT model with the reward model picking (no training; plotted at its KL's upper bound,
+log N - (N - 1) / N). And the training curves of one run, from its log.jsonl.
 
     python frontier.py                                   # train the sweep (finished runs are skipped), evaluate, plot
     python frontier.py --ppo_args='--max_iters=100' --dpo_args='--max_steps=200'
@@ -36,6 +37,7 @@ main_dpo = 'out/dpo'              # the main pipeline's DPO run
 ppo_args = ''                     # extra arguments for every train_ppo.py run, e.g. '--max_iters=100'
 dpo_args = ''                     # extra arguments for every train_dpo.py run
 eval_args = ''                    # extra arguments for eval.py, e.g. '--n_prompts=200'
+best_of = '2,4,8,16,32'           # best-of-N points: N answers of the SFT model, the reward model picks ('' = none)
 sft_ckpt = 'out/sft/best.pt'      # the SFT model the runs start from: the KL baseline and the point at KL 0
 out_dir = 'out/frontier'          # run directories, eval.json and frontier.png
 plot_only = False                 # redraw from out_dir/eval.json, no training, no evaluation
@@ -113,8 +115,8 @@ def read_points(path):
     with open(path) as f:
         data = json.load(f)
     results = data['results']
-    # eval.py adds one row per checkpoint in --ckpts order (after 'crowd'), named by its stage
-    names = [name for name in results if name != 'crowd']
+    # eval.py adds one row per checkpoint in --ckpts order (after 'crowd'), named by its stage, then best_of_N rows
+    names = [name for name in results if name != 'crowd' and not name.startswith('best_of_')]
     paths = data['config']['ckpts'].split(',')
     check(len(names) == len(paths), f"{path}: {len(paths)} checkpoints but {len(names)} result rows")
     check(all('gold' in results[name] for name in names),
@@ -125,6 +127,9 @@ def read_points(path):
         m = re.search(r'_(?:kl|beta)(.+)$', run_name)
         label = m[1] if m else run_name
         points.setdefault(name.split(':')[0], []).append((label, results[name]['kl'], results[name]['gold']))
+    for name in results:  # best-of-N, its kl the upper bound log N - (N - 1) / N
+        if name.startswith('best_of_'):
+            points.setdefault('best_of', []).append((name.removeprefix('best_of_'), results[name]['kl'], results[name]['gold']))
     return points, results.get('crowd', {}).get('gold')
 
 
@@ -136,15 +141,16 @@ def plot_frontier(eval_json, png):
             print(f"{method:>8} {label:>8} {kl:>8.3f} {gold:>8.3f}")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    names = {'ppo': 'PPO (kl_coef)', 'dpo': 'DPO (beta)'}
+    names = {'ppo': 'PPO (kl_coef)', 'dpo': 'DPO (beta)', 'best_of': 'best-of-N of SFT, RM picks (N; KL: its bound)'}
+    styles = {'ppo': 'o-', 'dpo': 's-', 'best_of': '^--'}
     for method, rows in points.items():
         _, kls, golds = zip(*rows)
         if method == 'sft':  # the start of every run: KL 0 by construction
             ax.plot(kls, golds, '*', color='black', markersize=14, label='SFT', zorder=3)
             continue
-        ax.plot(kls, golds, 'o-' if method != 'dpo' else 's-', label=names.get(method, method))
+        ax.plot(kls, golds, styles.get(method, 'o-'), label=names.get(method, method))
         for label, kl, gold in rows:
-            ax.annotate(label, (kl, gold), textcoords='offset points', xytext=(5, 4 if method == 'dpo' else -11), fontsize=8)
+            ax.annotate(label, (kl, gold), textcoords='offset points', xytext=(5, -11 if method == 'ppo' else 4), fontsize=8)
     if crowd is not None:
         ax.axhline(crowd, color='gray', linestyle='--', linewidth=1, label='the demonstrations (crowd)')
     ax.set_xscale('symlog', linthresh=1.0, linscale=1.5)  # linear below 1 nat, where most runs sit; log above
@@ -218,7 +224,7 @@ if not plot_only:
         train('train_dpo.py', os.path.join(out_dir, f'dpo_beta{v}'), 'beta', v, dpo_args, main_dpo, 'best.pt')
         ckpts.append(os.path.join(out_dir, f'dpo_beta{v}', 'best.pt'))  # the best validation loss, as eval.py's default
     run([sys.executable, 'eval.py', *shlex.split(eval_args), f"--ckpts={','.join(ckpts)}",
-         f'--baseline={sft_ckpt}', f'--out_json={eval_json}'])
+         f'--baseline={sft_ckpt}', f'--best_of={best_of}', f'--out_json={eval_json}'])
 check(os.path.isfile(eval_json), f"{eval_json} not found: run python frontier.py without --plot_only first")
 plot_frontier(eval_json, png)
 if publish:

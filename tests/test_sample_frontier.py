@@ -1,5 +1,6 @@
 """sample.py on tiny checkpoints, and frontier.py's plots from hand-written eval.json and log.jsonl files."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -340,6 +341,49 @@ def test_eval_samples_a_baseline_outside_ckpts_and_counts_every_reward_differenc
     assert 0 < row['rm_win'] < 1 and row['rm_win'] == sum(d > 0 for d in diffs) / 4
 
 
+def test_eval_best_of_n_picks_the_reward_models_favourite_by_hand(tmp_path):
+    # best_of='3,1': rows best_of_1 and best_of_3 (sorted). Three rounds of one answer per prompt from the baseline,
+    # drawn from seed + 1 (1235) at temperature 0.7; best-of-N takes, per prompt, the answer of the first N rounds that
+    # the reward model scores highest; its kl is the bound log N - (N - 1) / N, 0 for N = 1
+    from common import decode_response, encode_prompt, get_tokenizer
+    sft = tiny_lm(tmp_path / 'sft.pt')
+    rm = GPT(GPTConfig(**ARGS, scalar_head=True))
+    torch.nn.init.normal_(rm.scalar_head.weight, std=0.5)
+    save_checkpoint(tmp_path / 'rm.pt', rm, None, dict(ARGS, scalar_head=True), {}, 'rm', 0, reward_offset=0.0)
+    args = [f'--prompt_file={prompt_file(tmp_path)}', '--crowd_file=', '--max_new_tokens=3', '--device=cpu',
+            f'--ckpts={sft}', f'--baseline={sft}', f'--rm_ckpt={tmp_path / "rm.pt"}', f'--out_json={tmp_path / "eval.json"}']
+    p = run_script('eval.py', *args, '--best_of=3,1', timeout=120)
+    assert 'best_of_N: of N answers of' in p.stdout
+    out = json.loads((tmp_path / 'eval.json').read_text())
+    assert list(out['results']) == ['sft', 'best_of_1', 'best_of_3']
+    enc, eot = get_tokenizer(ARGS['vocab_size']), ARGS['vocab_size'] - 1
+    base = GPT(GPTConfig(**ARGS)).eval()
+    base.load_state_dict(torch.load(sft, weights_only=True)['model'])
+    rm.eval()
+    prompts, gen, rounds = [encode_prompt(enc, q) for q in QUESTIONS], torch.Generator().manual_seed(1235), []
+    with torch.no_grad():
+        for _ in range(3):
+            seq, _, _, mask = base.generate(prompts, 3, eot, 0.7, generator=gen)
+            answers = [row[:n] for row, n in zip(seq[:, -3:].tolist(), mask.sum(1).tolist())]
+            rounds.append([(rm(torch.tensor([p + a]))[0][0, -1].item(), a) for p, a in zip(prompts, answers)])
+    for n in (1, 3):
+        best = [max((rounds[r][i] for r in range(n)), key=lambda scored: scored[0]) for i in range(len(prompts))]
+        assert out['samples'][f'best_of_{n}'] == [decode_response(enc, a) for _, a in best]
+        assert out['scores'][f'best_of_{n}']['rm'] == pytest.approx([s for s, _ in best], rel=1e-4, abs=1e-5)
+        row = out['results'][f'best_of_{n}']
+        assert row['kl'] == pytest.approx(math.log(n) - (n - 1) / n, abs=1e-12)
+        assert row['gold'] == pytest.approx(sum(analyze(q, decode_response(enc, a), eot in a)['score']
+                                                for q, (_, a) in zip(QUESTIONS, best)) / len(QUESTIONS))
+    assert len({tuple(a) for r in rounds for _, a in r}) == 3 * len(prompts)  # every answer differs: a real choice
+    assert out['samples']['best_of_1'] != out['samples']['sft']  # another draw than the baseline's own row
+    # refused: a count that is not a positive whole number; best-of-N with no reward model to pick
+    for bad, message in (('--best_of=0', 'best_of must be positive whole numbers'),
+                         ('--best_of=4,x', 'best_of must be positive whole numbers'),
+                         ('--rm_ckpt=', 'best_of needs the reward model')):
+        p = run_script('eval.py', *args, *(['--best_of=2', bad] if bad == '--rm_ckpt=' else [bad]), check=False, timeout=60)
+        assert p.returncode == 2 and message in p.stderr and 'Traceback' not in p.stderr, (bad, p.stderr)
+
+
 EVAL_JITTERY_JUDGE = """
 import itertools, runpy
 import data.tinyhh.world as world
@@ -557,20 +601,24 @@ def test_frontier_reuses_the_main_runs(tmp_path):
     out = tmp_path / 'frontier'
     (out / 'ppo_kl0.05').mkdir(parents=True)  # the sweep's own run of the value, cut short before the main run finished
     (out / 'ppo_kl0.05' / 'ckpt.pt').write_text('partial')  # was a FileExistsError at the link, on every rerun
-    eval_args = (f"--prompt_file={ROOT}/tests/fixtures/eval_prompts_3.jsonl --rm_ckpt= --crowd_file= "
+    save_checkpoint(tmp_path / 'rm.pt', GPT(GPTConfig(**ARGS, scalar_head=True)), None, dict(ARGS, scalar_head=True), {},
+                    'rm', 0, reward_offset=0.0)
+    eval_args = (f"--prompt_file={ROOT}/tests/fixtures/eval_prompts_3.jsonl --rm_ckpt={tmp_path / 'rm.pt'} --crowd_file= "
                  "--max_new_tokens=4 --device=cpu")
     p = run_script('frontier.py', '--kl_coefs=0.05', '--betas=0.5', f'--sft_ckpt={sft}', f'--main_ppo={tmp_path}/ppo',
-                   f'--main_dpo={tmp_path}/dpo', f'--out_dir={out}', f'--eval_args={eval_args}', timeout=120)
+                   f'--main_dpo={tmp_path}/dpo', f'--out_dir={out}', f'--eval_args={eval_args}', '--best_of=4,2', timeout=120)
     assert 'ppo_kl0.05: the main run' in p.stdout and 'dpo_beta0.5: the main run' in p.stdout
     assert (out / 'ppo_kl0.05' / 'ckpt.pt').resolve() == (tmp_path / 'ppo' / 'ckpt.pt').resolve()
     assert (out / 'dpo_beta0.5' / 'best.pt').resolve() == (tmp_path / 'dpo' / 'best.pt').resolve()
     assert not (out / 'ppo_kl0.05' / 'log.jsonl').exists()  # nothing trained
     results = json.loads((out / 'eval.json').read_text())['results']
-    assert len(results) == 3  # sft, ppo, dpo
+    assert list(results) == ['sft', 'ppo', 'dpo', 'best_of_2', 'best_of_4']
+    table = [line.split() for line in p.stdout.splitlines()]  # the points drawn: best-of-N at its KL bound
+    assert ['best_of', '4', f"{math.log(4) - 3 / 4:.3f}", f"{results['best_of_4']['gold']:.3f}"] in table, p.stdout
     check_png(out / 'frontier.png')
     # run again: both runs of the sweep are DONE, so neither is linked or trained again; the evaluation is redone
     p = run_script('frontier.py', '--kl_coefs=0.05', '--betas=0.5', f'--sft_ckpt={sft}', f'--main_ppo={tmp_path}/ppo',
-                   f'--main_dpo={tmp_path}/dpo', f'--out_dir={out}', f'--eval_args={eval_args}', timeout=120)
+                   f'--main_dpo={tmp_path}/dpo', f'--out_dir={out}', f'--eval_args={eval_args}', '--best_of=4,2', timeout=120)
     assert p.stdout.count('done already, skipping') == 2 and 'the main run' not in p.stdout
     assert json.loads((out / 'eval.json').read_text())['results'] == results
     # a finished run of the sweep is not reused for other arguments: DONE records the command it stands for
@@ -617,13 +665,15 @@ def test_frontier_plot_only(tmp_path):
     # eval.py names a row by the checkpoint's stage, and by stage:path when the stage is taken already
     results = {'crowd': {'gold': 0.45, 'kl': 0.0}, 'sft': {'gold': 0.3, 'kl': 0.0},
                'ppo': {'gold': 0.7, 'kl': 9.0}, f'ppo:{ckpts[2]}': {'gold': 0.5, 'kl': 2.5},
-               'dpo': {'gold': 0.6, 'kl': 4.0}, f'dpo:{ckpts[4]}': {'gold': 0.4, 'kl': 1.0}}
+               'dpo': {'gold': 0.6, 'kl': 4.0}, f'dpo:{ckpts[4]}': {'gold': 0.4, 'kl': 1.0},
+               'best_of_2': {'gold': 0.35, 'kl': 0.193}, 'best_of_16': {'gold': 0.55, 'kl': 1.835}}  # no checkpoints
     (tmp_path / 'eval.json').write_text(json.dumps({'config': {'ckpts': ','.join(ckpts)}, 'results': results}))
     p = run_script('frontier.py', '--plot_only=True', f'--out_dir={tmp_path}', timeout=60)
     check_png(tmp_path / 'frontier.png')
     table = [line.split() for line in p.stdout.splitlines()]
     assert ['ppo', '0.1', '2.500', '0.500'] in table and ['dpo', '1.0', '1.000', '0.400'] in table
     assert ['sft', 'sft', '0.000', '0.300'] in table
+    assert ['best_of', '2', '0.193', '0.350'] in table and ['best_of', '16', '1.835', '0.550'] in table
     assert 'train_' not in p.stdout  # nothing was trained
     # an evaluation without the gold judge has no frontier to draw
     for row in results.values():
