@@ -253,7 +253,9 @@ print(f"\n{len(questions)} held-out prompts, temperature {temperature}, seed {se
       + ('' if gold_judge else f"; no gold judge: {rm_ckpt} judges"))
 if best_of_ns:
     print(f"best_of_N: of N answers of {baseline} per prompt, the one {rm_ckpt} scores highest; "
-          f"its kl is log N - (N - 1) / N, an upper bound")
+          f"its kl is log N - (N - 1) / N, an upper bound"
+          + ('' if gold_judge else "; with no gold judge, its rm and rm_win come from the model that picked it: "
+             "biased upward, they are no measure of quality"))
 w = max(8, *map(len, results))  # names in full: two runs of one stage differ only in their paths
 print(f"{'':>{w}} " + ' '.join(f"{c:>11}" for c in cols))
 for name, row in results.items():

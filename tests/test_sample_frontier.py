@@ -376,6 +376,11 @@ def test_eval_best_of_n_picks_the_reward_models_favourite_by_hand(tmp_path):
                                                 for q, (_, a) in zip(QUESTIONS, best)) / len(QUESTIONS))
     assert len({tuple(a) for r in rounds for _, a in r}) == 3 * len(prompts)  # every answer differs: a real choice
     assert out['samples']['best_of_1'] != out['samples']['sft']  # another draw than the baseline's own row
+    # with no gold judge the reward model that picked is the only judge: eval says its verdict means nothing here
+    p = run_script('eval.py', *args, '--best_of=2', '--gold_judge=', timeout=120)
+    assert 'its rm and rm_win come from the model that picked it: biased upward' in p.stdout, p.stdout
+    row = json.loads((tmp_path / 'eval.json').read_text())['results']['best_of_2']
+    assert 'gold' not in row and 'rm_win' in row
     # refused: a count that is not a positive whole number; best-of-N with no reward model to pick
     for bad, message in (('--best_of=0', 'best_of must be positive whole numbers'),
                          ('--best_of=4,x', 'best_of must be positive whole numbers'),
