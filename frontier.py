@@ -37,7 +37,7 @@ main_dpo = 'out/dpo'              # the main pipeline's DPO run
 ppo_args = ''                     # extra arguments for every train_ppo.py run, e.g. '--max_iters=100'
 dpo_args = ''                     # extra arguments for every train_dpo.py run
 eval_args = ''                    # extra arguments for eval.py, e.g. '--n_prompts=200'
-best_of = '2,4,8,16,32'           # best-of-N points: N answers of the SFT model, the reward model picks ('' = none)
+best_of = '1,2,4,8,16,32'         # best-of-N points: N answers of the SFT model, the reward model picks ('' = none; 1: SFT)
 sft_ckpt = 'out/sft/best.pt'      # the SFT model the runs start from: the KL baseline and the point at KL 0
 out_dir = 'out/frontier'          # run directories, eval.json and frontier.png
 plot_only = False                 # redraw from out_dir/eval.json, no training, no evaluation
