@@ -164,7 +164,7 @@ def evaluate():
         seq, targets, _ = collate(val[i:min(i + micro_batch_size, stop)], enc.eot_token, device, pin_memory)
         with ctx:
             logprobs, _ = model(seq[:, :-1], targets)
-        total -= logprobs.float().sum().double()
+        total -= logprobs.sum().double()  # logprobs are float32, under autocast too
         count += (targets >= 0).sum()
     model.train()
     return (all_reduce_mean(total, ddp) / all_reduce_mean(count, ddp)).item()
