@@ -126,17 +126,19 @@ def sample(model, enc, gen=None):
 
 
 def best_of_n(model, enc, ns):
-    """Best-of-N for each N in ns: {N: (texts, ended flags, token lists)}. max(ns) rounds of one answer per prompt
-    from model; for each N, the answer among the first N rounds that the reward model scores highest (the first of
-    equal scores). Drawn from seed + 1: not the model's own row's answers, so that its win rates compare two
-    independent draws."""
+    """Best-of-N for each N in ns: {N: ((texts, ended flags, token lists), distinct)}. max(ns) rounds of one answer
+    per prompt from model; for each N, the answer among the first N rounds that the reward model scores highest (the
+    first of equal scores), and the mean number of different answers among those N (N when none repeats: the KL
+    bound is loose where it is less). Drawn from seed + 1: not the model's own row's answers, so that its win rates
+    compare two independent draws."""
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     rounds = [sample(model, enc, gen) for _ in range(max(ns))]
     scores = torch.tensor([reward_model_scores(reward_model, prompts, responses) for _, _, responses in rounds])
     picked = {}
     for n in ns:
         best = scores[:n].argmax(0).tolist()  # the round of each prompt's best answer (argmax: the first maximum)
-        picked[n] = tuple([rounds[r][part][i] for i, r in enumerate(best)] for part in range(3))
+        distinct = mean([len({tuple(rounds[r][2][i]) for r in range(n)}) for i in range(len(prompts))])
+        picked[n] = tuple([rounds[r][part][i] for i, r in enumerate(best)] for part in range(3)), distinct
     return picked
 
 
@@ -231,10 +233,11 @@ if baseline not in ckpts.split(','):  # judge the baseline's own answers, same s
     texts, ended, base_responses = sample(base_model, enc)
     base_gold, base_rm, _ = judge(texts, ended, base_responses)
 if best_of_ns:  # best-of-N: the baseline's answers, the reward model picks; no training
-    for n, (texts, ended, responses) in best_of_n(base_model, enc, best_of_ns).items():
+    for n, ((texts, ended, responses), distinct) in best_of_n(base_model, enc, best_of_ns).items():
         name = f'best_of_{n}'
         gold, rm, results[name] = judge(texts, ended, responses)
         results[name]['kl'] = math.log(n) - (n - 1) / n  # an upper bound on best-of-N's KL to the baseline
+        results[name]['distinct'] = distinct
         answers[name] = (gold, rm, texts, responses)
 for name, (gold, rm, _, responses) in answers.items():  # None: all ties (the baseline against itself), the table prints '-'
     same, wins = [a == b for a, b in zip(responses, base_responses)], {}
@@ -252,8 +255,10 @@ cols = ['gold', 'win', 'win_strict', 'facts', 'refuse_harm', 'needless', 'honest
 print(f"\n{len(questions)} held-out prompts, temperature {temperature}, seed {seed}; win rates and kl against {baseline}"
       + ('' if gold_judge else f"; no gold judge: {rm_ckpt} judges"))
 if best_of_ns:
+    distinct = ', '.join(f"{results[f'best_of_{n}']['distinct']:.2f} of {n}" for n in best_of_ns)
     print(f"best_of_N: of N answers of {baseline} per prompt, the one {rm_ckpt} scores highest; "
-          f"its kl is log N - (N - 1) / N, an upper bound"
+          f"its kl is log N - (N - 1) / N, an upper bound, loose where the N answers repeat (different answers "
+          f"among the N, on average: {distinct})"
           + ('' if gold_judge else "; with no gold judge, its rm and rm_win come from the model that picked it: "
              "biased upward, they are no measure of quality"))
 w = max(8, *map(len, results))  # names in full: two runs of one stage differ only in their paths

@@ -372,10 +372,17 @@ def test_eval_best_of_n_picks_the_reward_models_favourite_by_hand(tmp_path):
         assert out['scores'][f'best_of_{n}']['rm'] == pytest.approx([s for s, _ in best], rel=1e-4, abs=1e-5)
         row = out['results'][f'best_of_{n}']
         assert row['kl'] == pytest.approx(math.log(n) - (n - 1) / n, abs=1e-12)
+        assert row['distinct'] == n  # no answer repeats (below)
         assert row['gold'] == pytest.approx(sum(analyze(q, decode_response(enc, a), eot in a)['score']
                                                 for q, (_, a) in zip(QUESTIONS, best)) / len(QUESTIONS))
     assert len({tuple(a) for r in rounds for _, a in r}) == 3 * len(prompts)  # every answer differs: a real choice
     assert out['samples']['best_of_1'] != out['samples']['sft']  # another draw than the baseline's own row
+    assert '(different answers among the N, on average: 1.00 of 1, 3.00 of 3)' in p.stdout, p.stdout
+    # a model that always answers <|endoftext|>: every round repeats the first, one different answer among the N
+    eot = eot_lm(tmp_path / 'eot.pt', 'sft', +1)
+    p = run_script('eval.py', *args, f'--ckpts={eot}', f'--baseline={eot}', '--best_of=3', timeout=120)
+    assert '(different answers among the N, on average: 1.00 of 3)' in p.stdout, p.stdout
+    assert json.loads((tmp_path / 'eval.json').read_text())['results']['best_of_3']['distinct'] == 1
     # with no gold judge the reward model that picked is the only judge: eval says its verdict means nothing here
     p = run_script('eval.py', *args, '--best_of=2', '--gold_judge=', timeout=120)
     assert 'its rm and rm_win come from the model that picked it: biased upward' in p.stdout, p.stdout
