@@ -24,7 +24,8 @@ every model), judge it with data/tinyhh/world.py, and report
 With best_of='4,16', rows best_of_4 and best_of_16 add the baseline line that needs no training:
 best-of-N sampling, N answers of the baseline per prompt and the one the reward model scores
 highest. Its kl is log N - (N - 1) / N, the formula of Stiennon et al. (2020), which Beirami et
-al. (2024) show is an upper bound: the exact KL is lower, far lower where the N answers repeat.
+al. (2024) show is an upper bound: the exact KL is lower, far lower where the N answers repeat
+(eval prints how many different answers the N hold, and eval.json keeps it as 'distinct').
 The first row, 'crowd', judges the held-out SFT demonstrations themselves: what imitation aims at.
 With gold_judge='' only ended, length, kl, rm and rm_win are reported: no ground truth, the reward
 model as a proxy for it (the DPO paper judged HH-RLHF answers with GPT-4 instead; no API here).
