@@ -99,7 +99,8 @@ def train(script, run_dir, key, value, extra, main_dir, ckpt_name):
     if main_value is not None and float(main_value) == float(value):
         shutil.rmtree(run_dir, ignore_errors=True)  # a run of the sweep's own cut short, superseded by the finished one
         os.makedirs(run_dir)
-        os.symlink(os.path.abspath(os.path.join(main_dir, ckpt_name)), os.path.join(run_dir, ckpt_name))
+        # a relative link: it still holds when the repository is moved or copied
+        os.symlink(os.path.relpath(os.path.join(main_dir, ckpt_name), run_dir), os.path.join(run_dir, ckpt_name))
         with open(done, 'w') as f:
             f.write(f"{command}\nreused {main_dir}, the same run\n")
         print(f"== {run_dir}: the main run's {key} ({main_dir}), reused")

@@ -622,6 +622,7 @@ def test_frontier_reuses_the_main_runs(tmp_path):
     assert 'ppo_kl0.05: the main run' in p.stdout and 'dpo_beta0.5: the main run' in p.stdout
     assert (out / 'ppo_kl0.05' / 'ckpt.pt').resolve() == (tmp_path / 'ppo' / 'ckpt.pt').resolve()
     assert (out / 'dpo_beta0.5' / 'best.pt').resolve() == (tmp_path / 'dpo' / 'best.pt').resolve()
+    assert os.readlink(out / 'dpo_beta0.5' / 'best.pt') == '../../dpo/best.pt'  # relative: the repository may move
     assert not (out / 'ppo_kl0.05' / 'log.jsonl').exists()  # nothing trained
     results = json.loads((out / 'eval.json').read_text())['results']
     assert list(results) == ['sft', 'ppo', 'dpo', 'best_of_2', 'best_of_4']
