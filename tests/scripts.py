@@ -1,6 +1,7 @@
 """Helpers for tests of the train_*.py scripts."""
 import ast
 import atexit
+import contextlib
 import io
 import json
 import multiprocessing
@@ -159,9 +160,8 @@ def start_python(argv, out, err=None, env=None, stdin=None):
     with open(out, 'ab') as o, open(err or out, 'ab') as e:  # the files exist whatever happens next
         forkable = set(env or {}) <= READ_AT_RUN_TIME and full_env.get('OMP_NUM_THREADS', '1').isdigit()
         if FRESH_INTERPRETER or not forkable or not (argv[0] in ('-c', '-m') or os.path.isfile(ROOT / argv[0])):
-            with open(stdin or os.devnull, 'rb') as i:
-                return subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdin=i if stdin else None, stdout=o, stderr=e,
-                                        env=full_env)
+            with open(stdin, 'rb') if stdin else contextlib.nullcontext() as i:  # no stdin: the caller's
+                return subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdin=i, stdout=o, stderr=e, env=full_env)
     if _BASE_PATH is None:
         _BASE_PATH = json.loads(subprocess.check_output([sys.executable, '-c', 'import sys, json; print(json.dumps(sys.path[1:]))'],
                                                         env=full_env, cwd=ROOT))
