@@ -38,15 +38,16 @@ runpy.run_path(script, run_name='__main__')
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 def test_bench_rows_by_hand_on_a_fixed_clock(dtype):
-    # a row per stage; s/step the median of the timed steps (the warmup dropped), a PPO iteration the sum of its three
-    # phases; tokens/s = tokens / s/step; MFU = 100 x the FLOPs of the passes the row's step runs / s/step / peak, with
-    # bench.flops (checked against torch's FLOP counter below). A peak of 1e4 FLOP/s: MFU printed to 2 decimals then
-    # resolves a FLOP count to about 1e-8 of it. float32 runs the static-shape rollout and checkpointed training
-    # (model tests cover the defaults); bfloat16 recomputes pi_old in the scoring pass (its sampling log-probs are not exact)
+    # a row per stage; s/step the median of the timed steps (one here, after a warmup step; run() is tested below), a
+    # PPO iteration the sum of its three phases; tokens/s = tokens / s/step; MFU = 100 x the FLOPs of the passes the
+    # row's step runs / s/step / peak, with bench.flops (checked against torch's FLOP counter below). A peak of 1e4
+    # FLOP/s: MFU printed to 2 decimals then resolves a FLOP count to about 1e-8 of it. float32 runs the static-shape
+    # rollout and checkpointed training (model tests cover the defaults); bfloat16 recomputes pi_old in the scoring
+    # pass (its sampling log-probs are not exact)
     L, H, D, V, B, P, R = 1, 2, 32, 512, 4, 8, 8
     T, peak = P + R, 1e4
     stages, options = ('sft,rm,dpo,ppo', ['--decode=static', '--grad_checkpoint=True']) if dtype == 'float32' else ('ppo', [])
-    p = run_python(['-c', FIXED_CLOCK, str(ROOT / 'bench.py'), f'--stages={stages}', '--steps=3', '--warmup=1',
+    p = run_python(['-c', FIXED_CLOCK, str(ROOT / 'bench.py'), f'--stages={stages}', '--steps=1', '--warmup=1',
                     f'--n_layer={L}', f'--n_head={H}', f'--n_embd={D}', f'--vocab_size={V}', f'--batch_size={B}',
                     f'--prompt_len={P}', f'--response_len={R}', '--threads=1', f'--dtype={dtype}', '--device=cpu',
                     f'--peak_flops={peak}', *options], env={'OMP_NUM_THREADS': '1'})
